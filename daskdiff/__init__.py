@@ -1,0 +1,50 @@
+"""daskdiff: difference-image analysis for wide-field time-domain surveys, on Dask."""
+
+from .box import Box
+from .errors import AlgorithmError, ConfigError, DaskdiffError, InputError, NoWorkError
+from .exposure import (
+    DEFAULT_TILE_SIZE,
+    cutout,
+    exposure_box,
+    get_mask_planes,
+    get_photo_calib,
+    get_psf,
+    get_visit_info,
+    get_wcs,
+    load,
+    make_exposure,
+    mask_of,
+    rechunk,
+    replace_metadata,
+)
+from .masks import MaskPlanes
+from .metadata import Observatory, PhotoCalib, VisitInfo, Weather
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_TILE_SIZE",
+    "AlgorithmError",
+    "Box",
+    "ConfigError",
+    "DaskdiffError",
+    "InputError",
+    "MaskPlanes",
+    "NoWorkError",
+    "Observatory",
+    "PhotoCalib",
+    "VisitInfo",
+    "Weather",
+    "cutout",
+    "exposure_box",
+    "get_mask_planes",
+    "get_photo_calib",
+    "get_psf",
+    "get_visit_info",
+    "get_wcs",
+    "load",
+    "make_exposure",
+    "mask_of",
+    "rechunk",
+    "replace_metadata",
+]
