@@ -1,0 +1,105 @@
+"""Resampling onto another WCS: mapping accuracy, interpolation, masks and chunk invariance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_tan_wcs
+
+from daskdiff import Box, ConfigError, NoWorkError, load, make_exposure, mask_of
+from daskdiff.warp import PixelMapping, kernel_weights, mapping_error, warp_exposure
+from daskdiff.wcs import pixel_to_sky, sky_to_pixel
+
+SRC_WCS = make_tan_wcs(ra=55.0, dec=-30.0, crpix=(500, 500))
+DST_WCS = make_tan_wcs(ra=55.0003, dec=-30.0002, crpix=(400, 400), rotation_deg=17.0,
+                       sip=True, scale_arcsec=0.21)
+DST_BOX = Box(100, 150, 600, 500)
+
+
+def _smooth(u, v):
+    return 100.0 + 50.0 * np.sin(u / 37.0) * np.cos(v / 53.0)
+
+
+def _source(shape=(1000, 1000), *, chunks=256):
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    return make_exposure(_smooth(xx, yy), variance=np.full(shape, 4.0), wcs=SRC_WCS,
+                         chunks=chunks)
+
+
+def test_mapping_interpolation_error_below_a_hundredth_pixel():
+    strong = make_tan_wcs(ra=55.0003, dec=-30.0002, crpix=(400, 400), rotation_deg=17.0,
+                          sip=True)
+    strong.sip.a[2, 0] *= 50  # a distortion of several pixels across the box
+    strong.sip.b[0, 2] *= 50
+    mapping = PixelMapping.from_wcs(strong, DST_BOX, SRC_WCS, interp_length=100)
+    assert mapping_error(mapping, strong, SRC_WCS, n=2000) < 0.01
+
+
+@pytest.mark.parametrize("name", ["bilinear", "lanczos3", "lanczos5"])
+def test_kernel_weights_normalised_and_exact_at_integers(name):
+    frac = np.linspace(0, 0.999, 50)
+    weights = kernel_weights(name, frac)
+    np.testing.assert_allclose(weights.sum(axis=0), 1.0, atol=1e-12)
+    at_zero = kernel_weights(name, np.zeros(1))[:, 0]
+    assert at_zero.max() == pytest.approx(1.0) and np.count_nonzero(at_zero) == 1
+
+
+def test_unknown_kernel():
+    with pytest.raises(ConfigError, match="unknown warping kernel"):
+        warp_exposure(_source(), DST_WCS, DST_BOX, kernel="cubic-ish")
+
+
+def test_smooth_field_is_interpolated_accurately():
+    warped = load(warp_exposure(_source(), DST_WCS, DST_BOX, chunks=256))
+    xx, yy = np.meshgrid(DST_BOX.xs(), DST_BOX.ys())
+    ra, dec = pixel_to_sky(DST_WCS, xx.ravel(), yy.ravel())
+    u, v = sky_to_pixel(SRC_WCS, ra, dec)
+    truth = _smooth(u, v).reshape(xx.shape)
+    good = warped["mask"].values == 0
+    assert good.mean() > 0.99
+    assert np.abs(warped["image"].values - truth)[good].max() < 0.05
+    # white noise of variance 4 resampled by lanczos3: sum of squared weights < 1
+    var = warped["variance"].values[good]
+    assert 1.0 < np.median(var) < 4.0
+
+
+def test_identity_warp_is_exact():
+    src = _source((300, 300), chunks=100)
+    box = Box(10, 20, 250, 260)
+    warped = load(warp_exposure(src, SRC_WCS, box, chunks=64))
+    expected = load(src)["image"].values[20:280, 10:260]
+    inner = (slice(3, -3), slice(3, -3))
+    np.testing.assert_allclose(warped["image"].values[inner], expected[inner], rtol=0, atol=1e-3)
+    np.testing.assert_allclose(warped["variance"].values[inner], 4.0, rtol=1e-5)
+
+
+def test_chunking_does_not_change_the_result():
+    source = _source(chunks=300)
+    a = load(warp_exposure(source, DST_WCS, DST_BOX, chunks=128))
+    b = load(warp_exposure(source, DST_WCS, DST_BOX, chunks=1000))
+    for name in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(a[name].values, b[name].values)
+
+
+def test_no_data_outside_and_nan_blocks_stay_finite():
+    src = load(_source((400, 400), chunks=None))
+    src["variance"].values[200:207, 200:207] = np.nan
+    src["image"].values[100:103, 300:303] = np.nan
+    warped = load(warp_exposure(src, DST_WCS, DST_BOX, chunks=200))
+    assert np.isfinite(warped["image"].values).all()
+    assert np.isfinite(warped["variance"].values).all()
+    no_data = mask_of(warped, "NO_DATA").values
+    assert 0 < no_data.mean() < 1
+    # every destination pixel mapping outside the source is NO_DATA
+    xx, yy = np.meshgrid(DST_BOX.xs(), DST_BOX.ys())
+    ra, dec = pixel_to_sky(DST_WCS, xx.ravel(), yy.ravel())
+    u, v = sky_to_pixel(SRC_WCS, ra, dec)
+    outside = ((u < -0.5) | (u > 399.5) | (v < -0.5) | (v > 399.5)).reshape(xx.shape)
+    assert no_data[outside].all()
+    assert (warped["image"].values[no_data] == 0).all()
+
+
+def test_no_overlap_is_no_work():
+    far = make_tan_wcs(ra=120.0, dec=10.0)
+    with pytest.raises(NoWorkError, match="does not overlap"):
+        warp_exposure(_source((200, 200)), far, Box(0, 0, 100, 100))
