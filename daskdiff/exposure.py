@@ -323,14 +323,19 @@ def cutout(
     if mode != "pad" or overlap == box:
         return part
     no_data = np.uint32(get_mask_planes(exposure).bitmask("NO_DATA"))
-    padded = part.reindex(
-        y=np.arange(box.y0, box.y1), x=np.arange(box.x0, box.x1),
-        fill_value={"image": np.nan, "variance": np.nan, "mask": no_data},
-    )
-    for name, dtype in PLANES.items():
-        padded[name] = padded[name].astype(dtype)
-    padded.attrs = dict(exposure.attrs)
-    return padded
+    pad = ((overlap.y0 - box.y0, box.y1 - overlap.y1), (overlap.x0 - box.x0, box.x1 - overlap.x1))
+    if overlap.is_empty:
+        pad = ((box.height, 0), (box.width, 0))
+    fills = {"image": np.nan, "variance": np.nan, "mask": no_data}
+    planes = {}
+    for name, fill in fills.items():
+        data = part[name].data
+        lib = da if isinstance(data, da.Array) else np
+        planes[name] = lib.pad(data, pad, mode="constant",
+                               constant_values=np.asarray(fill, PLANES[name]))
+    return make_exposure(planes["image"], variance=planes["variance"], mask=planes["mask"],
+                         x0=box.x0, y0=box.y0, chunks=None,
+                         **{key: exposure.attrs.get(key) for key in _METADATA_KEYS})
 
 
 def rechunk(exposure: xr.Dataset, chunks: Chunks = DEFAULT_TILE_SIZE) -> xr.Dataset:

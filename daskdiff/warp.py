@@ -25,6 +25,7 @@ import numpy as np
 import xarray as xr
 from scipy.interpolate import RectBivariateSpline
 
+from ._tiles import regrid
 from .box import Box
 from .errors import ConfigError, InputError, NoWorkError
 from .exposure import (
@@ -349,8 +350,9 @@ def _warp_tile(planes: list[da.Array], src_full: Box, need: Box, mapping: PixelM
             "variance": da.zeros(box.shape, dtype=np.float32, chunks=box.shape),
             "mask": da.full(box.shape, no_data, dtype=np.uint32, chunks=box.shape),
         }
-    ys, xs = need.slices(origin=(src_full.x0, src_full.y0))
-    parts = [plane[ys, xs] for plane in planes]
+    fills = (np.float32(np.nan), np.float32(np.nan), np.uint32(1 << no_data_bit))
+    parts = [regrid(plane, (src_full.x0, src_full.y0), need, tile=need.shape, fill=fill)
+             for plane, fill in zip(planes, fills, strict=True)]
     result = dask.delayed(_warp_block, nout=3, pure=False)(
         *parts, need, mapping, box, kernel, bad_bits, no_data_bit)
     return {

@@ -24,7 +24,7 @@ import numpy as np
 from ..box import Box
 from ..errors import InputError
 
-__all__ = ["Psf", "psf_from_state", "register_psf"]
+__all__ = ["Psf", "normalized_position", "psf_from_state", "register_psf", "stamp_box"]
 
 _REGISTRY: dict[str, type[Psf]] = {}
 
@@ -149,3 +149,31 @@ def stamp_box(x: float, y: float, size: int) -> Box:
     half = size // 2
     cx, cy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
     return Box(cx - half, cy - half, size, size)
+
+
+def normalized_position(
+    box: Box, x: float | np.ndarray, y: float | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Map parent-frame positions to ``[-1, 1]`` over a box (outer pixel edges map to ±1).
+
+    Spatially varying models (the polynomial fields of the analytic models and the components
+    of :class:`~daskdiff.psf.pixel.PixelPsf`) are polynomials in these coordinates; positions
+    outside the box give values beyond ±1 (the polynomial is extrapolated).
+
+    Parameters
+    ----------
+    box : Box
+        The box over which the model is defined (usually the detector).
+    x, y : float or numpy.ndarray
+        Parent-frame positions.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(X, Y)`` normalised coordinates.
+    """
+    if box.is_empty:
+        raise InputError(f"a spatially varying PSF needs a non-empty box, got {box}")
+    xn = 2.0 * (np.asarray(x, dtype=float) - (box.x0 - 0.5)) / box.width - 1.0
+    yn = 2.0 * (np.asarray(y, dtype=float) - (box.y0 - 0.5)) / box.height - 1.0
+    return xn, yn

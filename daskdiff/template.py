@@ -1,0 +1,687 @@
+"""The template stage: a template on the science exposure's pixel grid.
+
+Three variants (DESIGN §1), all returning a lazy exposure on the science box grown by
+``border`` pixels, with the science WCS:
+
+- **GetTemplate** (:func:`assemble_template`, or :func:`get_template` with a repository): the
+  coadd patches whose outer boxes overlap the detector, in any number of tracts, are merged per
+  tract on the tract grid, each tract's merge is warped onto the science grid, and the tracts are
+  merged. The merge weights each good pixel by ``variance ** -0.5`` and averages the variances
+  with the same weights (overlapping patches share their input data); masks are OR-ed over the
+  good inputs; pixels with no good input are NO_DATA with finite (zero) image and variance.
+- **GetDcrTemplate** (:class:`GetDcrTemplateConfig`): each patch is built from its DCR
+  sub-filter coadds, each shifted by its differential chromatic refraction for the science
+  visit (see :mod:`daskdiff.dcr`) and summed; then the same merge and warp.
+- **Any exposure as a template** (:func:`get_template` with an exposure): another visit or a
+  plain image with a WCS, warped onto the science grid.
+
+The template's PSF is a :class:`~daskdiff.psf.warped.CoaddPsf` of the inputs' PSFs seen through
+the local WCS Jacobians; HIGH_VARIANCE flags pixels whose binned-median variance model exceeds
+``high_variance_threshold`` times its median.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from typing import Any, Literal
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+from pydantic import Field
+from scipy import ndimage
+
+from ._tiles import regrid
+from .box import Box
+from .config import StageConfig
+from .dcr import dcr_shifts, shift_image
+from .errors import InputError, NoWorkError
+from .exposure import (
+    DEFAULT_TILE_SIZE,
+    exposure_box,
+    get_mask_planes,
+    get_photo_calib,
+    get_psf,
+    get_visit_info,
+    make_exposure,
+    require_wcs,
+)
+from .masks import combine
+from .metadata import PhotoCalib, VisitInfo
+from .psf.warped import CoaddPsf, WarpedPsf
+from .warp import KERNELS, warp_exposure
+from .wcs import local_jacobian, pixel_scale, pixel_to_sky, sky_to_pixel
+
+__all__ = [
+    "GetDcrTemplateConfig",
+    "GetTemplateConfig",
+    "assemble_template",
+    "build_dcr_patch",
+    "get_template",
+    "high_variance_mask",
+    "merge_exposures",
+    "template_coverage",
+]
+
+WarpKernel = Literal["nearest", "bilinear", "lanczos2", "lanczos3", "lanczos4", "lanczos5"]
+
+#: Mask planes ignored when modelling the variance for HIGH_VARIANCE (as LSST's).
+HIGH_VARIANCE_IGNORE = ("BAD", "EDGE", "DETECTED", "DETECTED_NEGATIVE", "NO_DATA")
+
+
+class GetTemplateConfig(StageConfig):
+    """Configuration of GetTemplate (and of "any exposure as a template")."""
+
+    coadd_name: str = Field("goodSeeing", pattern=r"^[A-Za-z][A-Za-z0-9_]*$",
+                            description="coadd name: the dataset type is {coaddName}Coadd")
+    border: int = Field(20, ge=0, description="pixels added around the science box")
+    warp_kernel: WarpKernel = Field("lanczos3", description="resampling kernel")
+    interp_length: int = Field(50, ge=1, le=1000,
+                               description="spacing (px) of exact WCS evaluations when warping")
+    high_variance_threshold: float = Field(4.0, ge=1.0,
+                                           description="HIGH_VARIANCE above this x median")
+    high_variance_mask_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, description="skip HIGH_VARIANCE below this unmasked fraction")
+    high_variance_bin_size: int = Field(32, ge=4, description="bin size (px) of the model")
+    tract_merge: Literal["nearest", "weighted"] = Field(
+        "nearest", description="where tracts overlap: take the tract whose centre is nearest "
+        "(no seam in the noise) or average them with variance**-0.5 weights (LSST)")
+    min_coverage: float = Field(0.01, ge=0.0, le=1.0,
+                                description="no work below this covered fraction of the box")
+    tile_size: int = Field(DEFAULT_TILE_SIZE, ge=16, description="dask tile edge (px)")
+
+
+class GetDcrTemplateConfig(GetTemplateConfig):
+    """Configuration of GetDcrTemplate: effective wavelength and bandwidth are required."""
+
+    coadd_name: str = Field("dcr", pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    effective_wavelength: float = Field(gt=200.0, lt=2100.0,
+                                        description="band effective wavelength (nm)")
+    bandwidth: float = Field(gt=0.0, lt=2000.0, description="band width (nm)")
+    num_subfilters: int = Field(3, ge=1, le=32, description="DCR sub-filters per band")
+
+
+# --------------------------------------------------------------------------------------------
+# merging
+# --------------------------------------------------------------------------------------------
+
+
+def _aligned(exposure: xr.Dataset, box: Box, tile: int) -> tuple[da.Array, ...]:
+    """Return the three planes of ``exposure`` on ``box`` in exact ``tile`` chunks.
+
+    Pixels outside the exposure are NaN (image, variance) and NO_DATA (mask). Built tile by
+    tile, so the graph stays proportional to the number of output tiles.
+    """
+    own = exposure_box(exposure)
+    no_data = np.uint32(get_mask_planes(exposure).bitmask("NO_DATA"))
+    fills = {"image": np.float32(np.nan), "variance": np.float32(np.nan), "mask": no_data}
+    return tuple(regrid(exposure[name].data, (own.x0, own.y0), box, tile=tile, fill=fill)
+                 for name, fill in fills.items())
+
+
+def merge_exposures(exposures: Sequence[xr.Dataset], box: Box, *,
+                    tile_size: int = DEFAULT_TILE_SIZE,
+                    priorities: Sequence[da.Array] | None = None) -> xr.Dataset:
+    """Merge exposures on a common pixel grid (lazy, elementwise).
+
+    A pixel of an input is good if its image and variance are finite and its variance is
+    positive. Each good pixel has the weight ``w = variance ** -0.5``; the merged image and
+    variance are the ``w``-weighted means of the inputs' images and variances; the mask is the
+    OR of the good inputs' masks; pixels without any good input are NO_DATA with image and
+    variance 0.
+
+    Parameters
+    ----------
+    exposures : sequence of xarray.Dataset
+        Inputs on the same pixel grid (same WCS); each may cover any part of ``box``.
+    box : Box
+        The output box.
+    tile_size : int, optional
+        Tile edge of the output.
+    priorities : sequence of dask.array.Array, optional
+        One array per input on ``box`` (tiles of ``tile_size``): where given, each pixel takes
+        the good input of lowest priority value alone instead of the weighted mean.
+
+    Returns
+    -------
+    xarray.Dataset
+        The merged exposure with the first input's metadata.
+    """
+    if not exposures:
+        raise InputError("nothing to merge: no input exposures")
+    planes = combine(get_mask_planes(e) for e in exposures)
+    no_data = np.uint32(1 << planes["NO_DATA"])
+    aligned = [_aligned(exposure, box, tile_size) for exposure in exposures]
+    goods = [da.isfinite(i) & da.isfinite(v) & (v > 0) for i, v, _ in aligned]
+    if priorities is not None:
+        best = None
+        for good, priority in zip(goods, priorities, strict=True):
+            value = da.where(good, priority, np.inf)
+            best = value if best is None else da.minimum(best, value)
+        chosen = []
+        taken = None
+        for good, priority in zip(goods, priorities, strict=True):
+            pick = good & (priority == best)
+            if taken is not None:
+                pick = pick & ~taken
+            taken = pick if taken is None else taken | pick
+            chosen.append(pick)
+        goods = chosen
+    sum_w = sum_wi = sum_wv = None
+    mask = None
+    for (image, variance, bits), good in zip(aligned, goods, strict=True):
+        weight = da.where(good, 1.0 / da.sqrt(da.where(good, variance, 1.0)), 0.0)
+        term_i = da.where(good, image, 0.0) * weight
+        term_v = da.where(good, variance, 0.0) * weight
+        bits = da.where(good, bits, np.uint32(0)).astype(np.uint32)
+        if sum_w is None:
+            sum_w, sum_wi, sum_wv, mask = weight, term_i, term_v, bits
+        else:
+            sum_w, sum_wi, sum_wv = sum_w + weight, sum_wi + term_i, sum_wv + term_v
+            mask = mask | bits
+    empty = sum_w == 0
+    safe = da.where(empty, 1.0, sum_w)
+    image = da.where(empty, 0.0, sum_wi / safe)
+    variance = da.where(empty, 0.0, sum_wv / safe)
+    mask = da.where(empty, no_data, mask).astype(np.uint32)
+    first = exposures[0]
+    return make_exposure(image, variance=variance, mask=mask, x0=box.x0, y0=box.y0,
+                         wcs=first.attrs.get("wcs"), psf=get_psf(first),
+                         photo_calib=get_photo_calib(first), visit_info=get_visit_info(first),
+                         mask_planes=planes, chunks=tile_size)
+
+
+# --------------------------------------------------------------------------------------------
+# HIGH_VARIANCE
+# --------------------------------------------------------------------------------------------
+
+
+def _bin_medians(variance: np.ndarray, mask: np.ndarray, ignore_bits: int, size: int
+                 ) -> np.ndarray:
+    """Median of the unmasked variances in each ``size`` x ``size`` bin of a block."""
+    ny, nx = variance.shape
+    by, bx = -(-ny // size), -(-nx // size)
+    values = np.full((by * size, bx * size), np.nan)
+    usable = ((mask & np.uint32(ignore_bits)) == 0) & np.isfinite(variance) & (variance > 0)
+    values[:ny, :nx] = np.where(usable, variance, np.nan)
+    blocks = values.reshape(by, size, bx, size).transpose(0, 2, 1, 3).reshape(by, bx, -1)
+    counts = np.isfinite(blocks).sum(axis=2)
+    medians = np.full((by, bx), np.nan)
+    has = counts > 0
+    medians[has] = np.nanmedian(blocks[has], axis=1)
+    return np.stack([medians, counts.astype(float)])
+
+
+def _variance_model(stats: np.ndarray, fraction_required: float, n_pixels: int
+                    ) -> tuple[np.ndarray, float] | None:
+    medians, counts = stats
+    if counts.sum() < fraction_required * n_pixels or not np.isfinite(medians).any():
+        return None
+    missing = ~np.isfinite(medians)
+    if missing.any():  # fill empty bins from their nearest non-empty bin
+        index = ndimage.distance_transform_edt(missing, return_distances=False,
+                                               return_indices=True)
+        medians = medians[tuple(index)]
+    return medians, float(np.median(medians))
+
+
+def _flag_block(mask: np.ndarray, model: tuple[np.ndarray, float] | None, *, size: int,
+                threshold: float, bit: int, block_info: dict | None = None) -> np.ndarray:
+    if model is None:
+        return mask
+    grid, median = model
+    (y0, y1), (x0, x1) = block_info[0]["array-location"]
+    ys = (np.arange(y0, y1) + 0.5) / size - 0.5
+    xs = (np.arange(x0, x1) + 0.5) / size - 0.5
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    value = ndimage.map_coordinates(grid, [yy, xx], order=1, mode="nearest")
+    return mask | np.where(value > threshold * median, np.uint32(1 << bit), np.uint32(0))
+
+
+def high_variance_mask(exposure: xr.Dataset, *, threshold: float = 4.0,
+                       mask_fraction: float = 0.1, bin_size: int = 32) -> xr.Dataset:
+    """Return the exposure with HIGH_VARIANCE set where the variance model is high (lazy).
+
+    The model is the median variance in ``bin_size`` bins (bins anchored at the exposure's
+    first pixel; pixels in the BAD, EDGE, DETECTED, DETECTED_NEGATIVE and NO_DATA planes
+    ignored), interpolated linearly between bin centres. Pixels where it exceeds ``threshold``
+    times its median are flagged. Nothing is flagged when fewer than ``mask_fraction`` of the
+    pixels are usable.
+    """
+    planes = get_mask_planes(exposure)
+    ignore = planes.bitmask(*HIGH_VARIANCE_IGNORE)
+    tile = max(exposure["image"].data.chunksize[0] // bin_size, 1) * bin_size
+    variance = da.asarray(exposure["variance"].data).rechunk((tile, tile))
+    mask = da.asarray(exposure["mask"].data).rechunk((tile, tile))
+    out_chunks = ((2,), *[tuple(-(-c // bin_size) for c in axis) for axis in variance.chunks])
+    stats = da.map_blocks(_bin_medians, variance, mask, ignore, bin_size, dtype=float,
+                          chunks=out_chunks, new_axis=0)
+    model = dask.delayed(_variance_model, pure=True)(stats, mask_fraction, variance.size)
+    flagged = da.map_blocks(_flag_block, mask, model=model, size=bin_size, threshold=threshold,
+                            bit=planes["HIGH_VARIANCE"], dtype=np.uint32)
+    result = exposure.copy()
+    result["mask"] = (("y", "x"), flagged.rechunk(exposure["mask"].data.chunks))
+    result.attrs = dict(exposure.attrs)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# geometry
+# --------------------------------------------------------------------------------------------
+
+
+def _edge_points(box: Box, per_side: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    corners = box.corners()
+    t = np.arange(per_side) / per_side
+    xs = np.concatenate([corners[i, 0] + (corners[(i + 1) % 4, 0] - corners[i, 0]) * t
+                         for i in range(4)])
+    ys = np.concatenate([corners[i, 1] + (corners[(i + 1) % 4, 1] - corners[i, 1]) * t
+                         for i in range(4)])
+    return xs, ys
+
+
+def _mapped_box(src_wcs: Any, src_box: Box, dst_wcs: Any) -> Box:
+    """Bounding box in the destination frame of a source box's outline."""
+    xs, ys = _edge_points(src_box)
+    ra, dec = pixel_to_sky(src_wcs, xs, ys)
+    u, v = sky_to_pixel(dst_wcs, ra, dec)
+    return Box.bounding(u, v)
+
+
+def template_coverage(wcs: Any, box: Box, inputs: Sequence[tuple[Any, Box]], *,
+                      step: int = 8) -> float:
+    """Return the fraction of ``box`` whose sky position falls inside any input's box.
+
+    Parameters
+    ----------
+    wcs : astropy.wcs.WCS
+        The science WCS.
+    box : Box
+        The science box.
+    inputs : sequence of (WCS, Box)
+        Each input's WCS and pixel box.
+    step : int, optional
+        Sampling step in pixels.
+    """
+    xs = np.arange(box.x0, box.x1, step) + 0.0
+    ys = np.arange(box.y0, box.y1, step) + 0.0
+    gx, gy = np.meshgrid(xs, ys)
+    ra, dec = pixel_to_sky(wcs, gx.ravel(), gy.ravel())
+    covered = np.zeros(gx.size, bool)
+    for in_wcs, in_box in inputs:
+        u, v = sky_to_pixel(in_wcs, ra, dec)
+        covered |= np.asarray(in_box.contains(u, v))
+    return float(covered.mean()) if covered.size else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# assembly
+# --------------------------------------------------------------------------------------------
+
+
+def _check_calibrations(patches: Sequence[xr.Dataset], where: str) -> PhotoCalib:
+    calibs = {get_photo_calib(p) for p in patches}
+    values = {c.njy_per_count for c in calibs}
+    if len(values) > 1:
+        raise InputError(
+            f"{where}: the template inputs have different photometric calibrations "
+            f"({sorted(values)} nJy per count); coadd patches must share one calibration "
+            "(recalibrate them to a common zero point)")
+    return next(iter(calibs))
+
+
+def _check_band(science_band: str, patches: Sequence[xr.Dataset], where: str) -> None:
+    bands = {info.band for p in patches if (info := get_visit_info(p)) and info.band}
+    if len(bands) > 1:
+        raise InputError(f"{where}: the template inputs mix bands {sorted(bands)}")
+    if science_band and bands and bands != {science_band}:
+        raise InputError(f"{where}: band mismatch: the science exposure is {science_band!r} "
+                         f"but the template inputs are {sorted(bands)}")
+
+
+def assemble_template(
+    science: xr.Dataset,
+    patches: Mapping[int, Sequence[xr.Dataset]],
+    *,
+    config: GetTemplateConfig | None = None,
+) -> xr.Dataset:
+    """Build a template on the science grid from coadd patches grouped by tract (pure, lazy).
+
+    Parameters
+    ----------
+    science : xarray.Dataset
+        The science exposure (only its WCS, box and visit info are used).
+    patches : mapping of int to sequence of xarray.Dataset
+        Coadd patch exposures per tract id, in their tract's pixel frame with the tract WCS.
+    config : GetTemplateConfig, optional
+        Stage configuration.
+
+    Returns
+    -------
+    xarray.Dataset
+        The template on the science box grown by ``config.border``.
+
+    Raises
+    ------
+    InputError
+        Without a science WCS, with mixed calibrations or a band mismatch.
+    NoWorkError
+        If no patch is given or the inputs cover less than ``config.min_coverage`` of the box.
+    """
+    config = config or GetTemplateConfig()
+    wcs = require_wcs(science, what="science exposure")
+    science_box = exposure_box(science)
+    box = science_box.grow(config.border)
+    info = get_visit_info(science)
+    everything = [p for group in patches.values() for p in group]
+    if not everything:
+        raise NoWorkError("No patches overlap the science exposure: no template inputs")
+    where = f"template for visit {info.visit}, detector {info.detector}" if info else "template"
+    _check_band(info.band if info else "", everything, where)
+    calib = _check_calibrations(everything, where)
+    inputs = [(require_wcs(p, what="coadd patch"), exposure_box(p)) for p in everything]
+    coverage = template_coverage(wcs, science_box, inputs)
+    if coverage <= 0 or coverage < config.min_coverage:
+        raise NoWorkError(f"{where}: the template inputs cover {coverage:.1%} of the detector "
+                          f"(minimum {config.min_coverage:.0%})",
+                          metadata={"coverage": coverage})
+    half = KERNELS[config.warp_kernel]
+    warped, components, centres = [], [], []
+    for tract_id in sorted(patches):
+        group = list(patches[tract_id])
+        tract_wcs = require_wcs(group[0], what=f"tract {tract_id} patch")
+        union = Box(0, 0, 0, 0)
+        for patch in group:
+            union = union.union(exposure_box(patch))
+        region = _mapped_box(wcs, box, tract_wcs).grow(half + 5).intersection(union)
+        if region.is_empty:
+            continue
+        merged = merge_exposures(group, region, tile_size=config.tile_size)
+        centres.append(_tract_centre(group))
+        warped.append(warp_exposure(merged, wcs, box, kernel=config.warp_kernel,
+                                    interp_length=config.interp_length,
+                                    chunks=config.tile_size))
+        for patch in group:
+            psf = get_psf(patch)
+            if psf is None:
+                raise InputError(f"{where}: a coadd patch of tract {tract_id} has no PSF model")
+            valid = _mapped_box(tract_wcs, exposure_box(patch), wcs).intersection(box)
+            if not valid.is_empty:
+                components.append((WarpedPsf(psf, tract_wcs, wcs, box), valid))
+    if not warped:
+        raise NoWorkError(f"{where}: no patches found to overlap the science exposure")
+    priorities = None
+    if config.tract_merge == "nearest" and len(warped) > 1:
+        priorities = [_distance_map(wcs, box, centre, config.tile_size) for centre in centres]
+    template = merge_exposures(warped, box, tile_size=config.tile_size, priorities=priorities)
+    template = high_variance_mask(template, threshold=config.high_variance_threshold,
+                                  mask_fraction=config.high_variance_mask_fraction,
+                                  bin_size=config.high_variance_bin_size)
+    template.attrs.update(
+        wcs=wcs, psf=CoaddPsf(components, box), photo_calib=calib,
+        visit_info=_template_visit_info(info, everything),
+    )
+    return template
+
+
+def _tract_centre(patches: Sequence[xr.Dataset]) -> tuple[float, float]:
+    """Return the sky position (deg) of a tract's projection centre (its WCS CRVAL)."""
+    wcs = require_wcs(patches[0], what="coadd patch")
+    ra, dec = wcs.wcs.crval
+    return float(ra), float(dec)
+
+
+def _distance_block(block: np.ndarray, *, mapping: Any, centre: tuple[float, float],
+                    block_info: dict | None = None) -> np.ndarray:
+    (y0, y1), (x0, x1) = block_info[None]["array-location"]
+    ra, dec = mapping.evaluate(Box.from_bounds(x0, y0, x1, y1))
+    ra0, dec0 = np.deg2rad(centre)
+    ra, dec = np.deg2rad(ra), np.deg2rad(dec)
+    cos_d = (np.sin(dec0) * np.sin(dec) + np.cos(dec0) * np.cos(dec) * np.cos(ra - ra0))
+    return np.arccos(np.clip(cos_d, -1.0, 1.0))
+
+
+def _distance_map(wcs: Any, box: Box, centre: tuple[float, float], tile: int) -> da.Array:
+    """Angular distance (rad) of every pixel of ``box`` from ``centre``, tiled (lazy)."""
+    mapping = _SkyMapping.from_wcs(wcs, box)
+    shape = box.shape
+    return da.map_blocks(_distance_block, da.zeros(shape, chunks=(tile, tile)),
+                         mapping=mapping, centre=centre, dtype=np.float64)
+
+
+class _SkyMapping:
+    """Pixel -> (ra, dec) interpolated from a coarse grid of exact WCS evaluations."""
+
+    def __init__(self, ra: Any, dec: Any) -> None:
+        self._ra, self._dec = ra, dec
+
+    @classmethod
+    def from_wcs(cls, wcs: Any, box: Box, *, step: int = 32) -> _SkyMapping:
+        from scipy.interpolate import RectBivariateSpline
+
+        xs = np.unique(np.r_[np.arange(box.x0, box.x1, step), box.x1 - 1]).astype(float)
+        ys = np.unique(np.r_[np.arange(box.y0, box.y1, step), box.y1 - 1]).astype(float)
+        if len(xs) < 4 or len(ys) < 4:
+            xs = np.linspace(box.x0 - 2, box.x1 + 1, 6)
+            ys = np.linspace(box.y0 - 2, box.y1 + 1, 6)
+        gx, gy = np.meshgrid(xs, ys)
+        ra, dec = pixel_to_sky(wcs, gx.ravel(), gy.ravel())
+        ra = np.unwrap(np.deg2rad(ra)).reshape(gx.shape)
+        return cls(RectBivariateSpline(ys, xs, np.rad2deg(ra)),
+                   RectBivariateSpline(ys, xs, dec.reshape(gx.shape)))
+
+    def evaluate(self, box: Box) -> tuple[np.ndarray, np.ndarray]:
+        ys, xs = box.ys().astype(float), box.xs().astype(float)
+        return self._ra(ys, xs, grid=True), self._dec(ys, xs, grid=True)
+
+
+def _template_visit_info(science_info: VisitInfo | None, inputs: Sequence[xr.Dataset]
+                         ) -> VisitInfo:
+    first = next((i for p in inputs if (i := get_visit_info(p)) is not None), None)
+    band = (first.band if first else "") or (science_info.band if science_info else "")
+    physical = first.physical_filter if first else ""
+    if science_info is None:
+        return VisitInfo(band=band, physical_filter=physical)
+    return VisitInfo(visit=science_info.visit, detector=science_info.detector, band=band,
+                     physical_filter=physical)
+
+
+# --------------------------------------------------------------------------------------------
+# DCR
+# --------------------------------------------------------------------------------------------
+
+
+def _sum_shifted(shifts: Sequence[tuple[float, float]], *images: np.ndarray) -> np.ndarray:
+    total = np.zeros(images[0].shape)
+    for shift, image in zip(shifts, images, strict=True):
+        total += shift_image(image.astype(np.float64), shift)
+    return total.astype(np.float32)
+
+
+def build_dcr_patch(subfilters: Sequence[xr.Dataset], science: xr.Dataset, *,
+                    config: GetDcrTemplateConfig) -> xr.Dataset:
+    """Build one patch of a DCR-matched template from its sub-filter coadds (lazy).
+
+    Each sub-filter image is shifted by its differential chromatic refraction for the science
+    visit and the images are summed. The shifts are computed on the science detector
+    (:func:`daskdiff.dcr.dcr_shifts`, with the science pixel scale) and carried into the
+    patch's pixel frame through the two local WCS Jacobians. The variance is the sum of the
+    shifted sub-filter variances and the mask the OR of the sub-filter masks.
+
+    Raises
+    ------
+    InputError
+        If the number of sub-filters differs from ``config.num_subfilters`` or the visit info
+        lacks what DCR needs.
+    """
+    if len(subfilters) != config.num_subfilters:
+        raise InputError(f"a DCR patch needs {config.num_subfilters} sub-filter coadds, got "
+                         f"{len(subfilters)}")
+    info = get_visit_info(science)
+    if info is None:
+        raise InputError("GetDcrTemplate needs the science visit info (elevation, parallactic "
+                         "and rotation angles, weather)")
+    sci_wcs = require_wcs(science, what="science exposure")
+    cx, cy = exposure_box(science).center
+    shifts_sci = dcr_shifts(info, pixel_scale=pixel_scale(sci_wcs, cx, cy),
+                            effective_wavelength=config.effective_wavelength,
+                            bandwidth=config.bandwidth, num_subfilters=config.num_subfilters)
+    first = subfilters[0]
+    patch_wcs = require_wcs(first, what="DCR sub-filter coadd")
+    ra, dec = pixel_to_sky(sci_wcs, np.array([cx]), np.array([cy]))
+    px, py = sky_to_pixel(patch_wcs, ra, dec)
+    to_patch = np.linalg.inv(local_jacobian(patch_wcs, float(px[0]), float(py[0])))
+    to_sky = local_jacobian(sci_wcs, cx, cy)
+    shifts = []
+    for dy, dx in shifts_sci:
+        du, dv = to_patch @ to_sky @ np.array([dx, dy])
+        shifts.append((float(dv), float(du)))
+    box = exposure_box(first)
+    for sub in subfilters[1:]:
+        if exposure_box(sub) != box:
+            raise InputError(f"DCR sub-filter coadds of one patch must share a box; got {box} "
+                             f"and {exposure_box(sub)}")
+    delayed_sum = dask.delayed(_sum_shifted, pure=True)
+    image = da.from_delayed(delayed_sum(shifts, *[s["image"].data for s in subfilters]),
+                            box.shape, dtype=np.float32)
+    variance = da.from_delayed(delayed_sum(shifts, *[s["variance"].data for s in subfilters]),
+                               box.shape, dtype=np.float32)
+    mask = subfilters[0]["mask"].data
+    for sub in subfilters[1:]:
+        mask = mask | sub["mask"].data
+    return make_exposure(image, variance=variance, mask=mask, x0=box.x0, y0=box.y0,
+                         wcs=patch_wcs, psf=get_psf(first), photo_calib=get_photo_calib(first),
+                         visit_info=get_visit_info(first), mask_planes=get_mask_planes(first),
+                         chunks=config.tile_size)
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------------------------
+
+
+def _coadd_patches(science: xr.Dataset, repository: Any, config: GetTemplateConfig
+                   ) -> dict[int, list[xr.Dataset]]:
+    wcs = require_wcs(science, what="science exposure")
+    info = get_visit_info(science)
+    box = exposure_box(science).grow(config.border)
+    skymap = repository.get_skymap()
+    wanted = skymap.find_patches(wcs, box)
+    if not wanted:
+        raise NoWorkError("No patches overlap the science exposure (none in the sky map)")
+    dcr = isinstance(config, GetDcrTemplateConfig)
+    dataset_type = f"{config.coadd_name}Coadd"
+    band = info.band if info and info.band else None
+    where: dict[str, Any] = {"band": band} if band else {}
+    refs = repository.query(dataset_type, run=None, **where)
+    if not refs:
+        others = repository.query(dataset_type, run=None)
+        if others:
+            bands = sorted({r.data_id.get("band") for r in others})
+            raise InputError(f"band mismatch: the science exposure is in band {band!r} but the "
+                             f"{dataset_type} coadds are in {bands}")
+        raise InputError(f"the repository has no {dataset_type} coadds; make them or choose "
+                         "another coaddName")
+    available: dict[tuple[int, int], list[Any]] = {}
+    for ref in refs:
+        key = (int(ref.data_id["tract"]), int(ref.data_id["patch"]))
+        available.setdefault(key, []).append(ref)
+    chunks = (config.tile_size, config.tile_size)
+    patches: dict[int, list[xr.Dataset]] = {}
+    for tract_id, patch_id in wanted:
+        found = available.get((tract_id, patch_id))
+        if not found:
+            continue
+        if dcr:
+            subs = sorted(found, key=lambda r: int(r.data_id.get("subfilter", 0)))
+            exposures = [repository.get_exposure(r, chunks=chunks) for r in subs]
+            patch = build_dcr_patch(exposures, science, config=config)
+        else:
+            patch = repository.get_exposure(found[0], chunks=chunks)
+        patches.setdefault(tract_id, []).append(patch)
+    if not patches:
+        raise NoWorkError(f"none of the {len(wanted)} patches overlapping the science exposure "
+                          f"has a {dataset_type} coadd")
+    return patches
+
+
+def exposure_template(science: xr.Dataset, template: xr.Dataset, *,
+                      config: GetTemplateConfig | None = None) -> xr.Dataset:
+    """Use any exposure (another visit, a plain image with a WCS) as the template (lazy).
+
+    The exposure is warped onto the science box grown by ``config.border``; its PSF (estimated
+    from its stars if it has none) is carried through the WCS mapping.
+    """
+    config = config or GetTemplateConfig()
+    wcs = require_wcs(science, what="science exposure")
+    template_wcs = require_wcs(template, what="template exposure")
+    science_box = exposure_box(science)
+    box = science_box.grow(config.border)
+    info = get_visit_info(science)
+    _check_band(info.band if info else "", [template], "template")
+    coverage = template_coverage(wcs, science_box, [(template_wcs, exposure_box(template))])
+    if coverage <= 0 or coverage < config.min_coverage:
+        raise NoWorkError(f"the template covers {coverage:.1%} of the science exposure "
+                          f"(minimum {config.min_coverage:.0%})", metadata={"coverage": coverage})
+    psf = get_psf(template)
+    if psf is None:
+        from .psf import estimate_psf
+
+        psf = estimate_psf(template)
+    warped = warp_exposure(template, wcs, box, kernel=config.warp_kernel,
+                           interp_length=config.interp_length, chunks=config.tile_size)
+    warped = high_variance_mask(warped, threshold=config.high_variance_threshold,
+                                mask_fraction=config.high_variance_mask_fraction,
+                                bin_size=config.high_variance_bin_size)
+    warped.attrs["psf"] = CoaddPsf([(WarpedPsf(psf, template_wcs, wcs, box), box)], box)
+    return warped
+
+
+def get_template(
+    science: xr.Dataset,
+    source: Any,
+    *,
+    config: GetTemplateConfig | None = None,
+) -> xr.Dataset:
+    """Return a template on the science exposure's pixel grid (lazy).
+
+    Parameters
+    ----------
+    science : xarray.Dataset
+        The science exposure; it needs a WCS.
+    source : Repository, xarray.Dataset or path
+        A repository holding coadds and a sky map (GetTemplate, or GetDcrTemplate when
+        ``config`` is a :class:`GetDcrTemplateConfig`), or any exposure (or a path to one)
+        to use as the template.
+    config : GetTemplateConfig or GetDcrTemplateConfig, optional
+        Stage configuration; :class:`GetTemplateConfig` defaults if omitted.
+
+    Returns
+    -------
+    xarray.Dataset
+        The template on the science box grown by ``config.border``, with the science WCS, a
+        :class:`~daskdiff.psf.warped.CoaddPsf`, the inputs' calibration and mask planes plus
+        NO_DATA and HIGH_VARIANCE.
+
+    Raises
+    ------
+    InputError
+        A science exposure without a WCS, a band mismatch, inconsistent calibrations.
+    NoWorkError
+        Nothing overlaps, or the coverage is below ``config.min_coverage``.
+    """
+    config = config or GetTemplateConfig()
+    require_wcs(science, what="science exposure")
+    if isinstance(source, xr.Dataset):
+        return exposure_template(science, source, config=config)
+    if isinstance(source, str | PathLike):
+        from .io import read_exposure
+
+        return exposure_template(science, read_exposure(source), config=config)
+    if hasattr(source, "get_skymap") and hasattr(source, "query"):
+        return assemble_template(science, _coadd_patches(science, source, config),
+                                 config=config)
+    raise InputError(f"get_template: source must be a Repository, an exposure or a path, got "
+                     f"{type(source).__name__}")
