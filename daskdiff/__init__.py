@@ -17,8 +17,12 @@ from .exposure import (
     rechunk,
     replace_metadata,
 )
+from .io import read_exposure, write_exposure
 from .masks import MaskPlanes
 from .metadata import Observatory, PhotoCalib, VisitInfo, Weather
+from .repository import Repository
+from .skymap import SkyMap
+from .template import GetDcrTemplateConfig, GetTemplateConfig, get_template
 
 __version__ = "0.1.0"
 
@@ -28,11 +32,15 @@ __all__ = [
     "Box",
     "ConfigError",
     "DaskdiffError",
+    "GetDcrTemplateConfig",
+    "GetTemplateConfig",
     "InputError",
     "MaskPlanes",
     "NoWorkError",
     "Observatory",
     "PhotoCalib",
+    "Repository",
+    "SkyMap",
     "VisitInfo",
     "Weather",
     "cutout",
@@ -40,11 +48,14 @@ __all__ = [
     "get_mask_planes",
     "get_photo_calib",
     "get_psf",
+    "get_template",
     "get_visit_info",
     "get_wcs",
     "load",
     "make_exposure",
     "mask_of",
+    "read_exposure",
     "rechunk",
     "replace_metadata",
+    "write_exposure",
 ]

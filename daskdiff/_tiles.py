@@ -9,7 +9,9 @@ filled array.
 
 from __future__ import annotations
 
+from functools import partial
 from itertools import pairwise
+from operator import getitem
 from typing import Any
 from uuid import uuid4
 
@@ -19,7 +21,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .box import Box
 
-__all__ = ["regrid"]
+__all__ = ["regrid", "tilewise3"]
 
 
 def _fill_cell(chunks: list[np.ndarray], src: list[tuple[slice, slice]],
@@ -88,3 +90,44 @@ def regrid(array: da.Array | np.ndarray, origin: tuple[int, int], box: Box, *,
     chunks = (tuple(b - a for a, b in pairwise(y_edges)),
               tuple(b - a for a, b in pairwise(x_edges)))
     return da.Array(graph, name, chunks, dtype=dtype)
+
+
+def tilewise3(func: Any, arrays: list[da.Array], dtypes: tuple[Any, Any, Any], **kwargs: Any
+              ) -> tuple[da.Array, da.Array, da.Array]:
+    """Apply ``func`` to aligned tiles of ``arrays``; it returns three planes per tile.
+
+    Every tile is computed by exactly one task, whose three results feed three output arrays
+    (``map_blocks`` with a stacked output would be fused into each plane's consumers and run
+    three times).
+
+    Parameters
+    ----------
+    func : callable
+        ``func(*tiles, **kwargs) -> (a, b, c)``, each of the tile's shape.
+    arrays : list of dask.array.Array
+        Inputs with identical chunks.
+    dtypes : tuple
+        The dtypes of the three outputs.
+    **kwargs
+        Constant keyword arguments of ``func``.
+    """
+    first = arrays[0]
+    for other in arrays[1:]:
+        if other.chunks != first.chunks:
+            raise ValueError("tilewise3 needs inputs with identical chunks")
+    token = uuid4().hex
+    merged_name = f"tiles3-{token}"
+    call = partial(func, **kwargs)
+    ny, nx = first.numblocks
+    dsk = {(merged_name, i, j): (call, *[(a.name, i, j) for a in arrays])
+           for i in range(ny) for j in range(nx)}
+    holder = da.Array(HighLevelGraph.from_collections(merged_name, dsk, dependencies=arrays),
+                      merged_name, first.chunks, dtype=object, meta=np.empty((0, 0), object))
+    outputs = []
+    for k, dtype in enumerate(dtypes):
+        name = f"tiles3-{k}-{token}"
+        layer = {(name, i, j): (getitem, (merged_name, i, j), k)
+                 for i in range(ny) for j in range(nx)}
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=[holder])
+        outputs.append(da.Array(graph, name, first.chunks, dtype=dtype))
+    return outputs[0], outputs[1], outputs[2]

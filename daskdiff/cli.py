@@ -14,7 +14,7 @@ __all__ = ["main"]
 class _Group(click.Group):
     """A click group that turns daskdiff errors into one clear line and exit status 2."""
 
-    def invoke(self, ctx: click.Context):  # noqa: D102
+    def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except DaskdiffError as error:
@@ -28,4 +28,26 @@ def main() -> None:
     """daskdiff: difference-image analysis for wide-field time-domain surveys, on Dask."""
 
 
+@main.command("info")
+@click.argument("repo", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(repo: str, as_json: bool) -> None:
+    """Show what the repository REPO holds: datasets, visits, coadds, runs and quanta."""
+    import json
+
+    from .repository import Repository
+
+    repository = Repository.open(repo)
+    if as_json:
+        click.echo(json.dumps(repository.summary(), indent=1, default=str))
+    else:
+        click.echo(repository.format_summary())
+
+
 # subcommands from other modules
+from .simulate.cli import simulate  # noqa: E402
+
+main.add_command(simulate)
+from .detect.cli import stamps  # noqa: E402
+
+main.add_command(stamps)

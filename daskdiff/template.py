@@ -33,7 +33,7 @@ import xarray as xr
 from pydantic import Field
 from scipy import ndimage
 
-from ._tiles import regrid
+from ._tiles import regrid, tilewise3
 from .box import Box
 from .config import StageConfig
 from .dcr import dcr_shifts, shift_image
@@ -121,6 +121,37 @@ def _aligned(exposure: xr.Dataset, box: Box, tile: int) -> tuple[da.Array, ...]:
                  for name, fill in fills.items())
 
 
+def _merge_block(*blocks: np.ndarray, n_inputs: int, no_data: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge one tile: ``blocks`` are (image, variance, mask) per input, then priorities."""
+    trios = [blocks[3 * k:3 * k + 3] for k in range(n_inputs)]
+    priorities = blocks[3 * n_inputs:]
+    goods = [np.isfinite(i) & np.isfinite(v) & (v > 0) for i, v, _ in trios]
+    if priorities:
+        values = np.stack([np.where(g, p, np.inf) for g, p in zip(goods, priorities,
+                                                                    strict=True)])
+        best = np.argmin(values, axis=0)
+        goods = [g & (best == k) for k, g in enumerate(goods)]
+    shape = trios[0][0].shape
+    sum_w = np.zeros(shape)
+    sum_wi = np.zeros(shape)
+    sum_wv = np.zeros(shape)
+    mask = np.zeros(shape, np.uint32)
+    for (image, variance, bits), good in zip(trios, goods, strict=True):
+        safe_var = np.where(good, variance, 1.0).astype(np.float64)
+        weight = np.where(good, 1.0 / np.sqrt(safe_var), 0.0)
+        sum_w += weight
+        sum_wi += weight * np.where(good, image, 0.0)
+        sum_wv += weight * np.where(good, safe_var, 0.0)
+        mask |= np.where(good, bits, np.uint32(0))
+    empty = sum_w == 0
+    safe = np.where(empty, 1.0, sum_w)
+    image = np.where(empty, 0.0, sum_wi / safe).astype(np.float32)
+    variance = np.where(empty, 0.0, sum_wv / safe).astype(np.float32)
+    mask = np.where(empty, np.uint32(no_data), mask).astype(np.uint32)
+    return image, variance, mask
+
+
 def merge_exposures(exposures: Sequence[xr.Dataset], box: Box, *,
                     tile_size: int = DEFAULT_TILE_SIZE,
                     priorities: Sequence[da.Array] | None = None) -> xr.Dataset:
@@ -153,39 +184,12 @@ def merge_exposures(exposures: Sequence[xr.Dataset], box: Box, *,
         raise InputError("nothing to merge: no input exposures")
     planes = combine(get_mask_planes(e) for e in exposures)
     no_data = np.uint32(1 << planes["NO_DATA"])
-    aligned = [_aligned(exposure, box, tile_size) for exposure in exposures]
-    goods = [da.isfinite(i) & da.isfinite(v) & (v > 0) for i, v, _ in aligned]
+    arrays = [plane for exposure in exposures for plane in _aligned(exposure, box, tile_size)]
     if priorities is not None:
-        best = None
-        for good, priority in zip(goods, priorities, strict=True):
-            value = da.where(good, priority, np.inf)
-            best = value if best is None else da.minimum(best, value)
-        chosen = []
-        taken = None
-        for good, priority in zip(goods, priorities, strict=True):
-            pick = good & (priority == best)
-            if taken is not None:
-                pick = pick & ~taken
-            taken = pick if taken is None else taken | pick
-            chosen.append(pick)
-        goods = chosen
-    sum_w = sum_wi = sum_wv = None
-    mask = None
-    for (image, variance, bits), good in zip(aligned, goods, strict=True):
-        weight = da.where(good, 1.0 / da.sqrt(da.where(good, variance, 1.0)), 0.0)
-        term_i = da.where(good, image, 0.0) * weight
-        term_v = da.where(good, variance, 0.0) * weight
-        bits = da.where(good, bits, np.uint32(0)).astype(np.uint32)
-        if sum_w is None:
-            sum_w, sum_wi, sum_wv, mask = weight, term_i, term_v, bits
-        else:
-            sum_w, sum_wi, sum_wv = sum_w + weight, sum_wi + term_i, sum_wv + term_v
-            mask = mask | bits
-    empty = sum_w == 0
-    safe = da.where(empty, 1.0, sum_w)
-    image = da.where(empty, 0.0, sum_wi / safe)
-    variance = da.where(empty, 0.0, sum_wv / safe)
-    mask = da.where(empty, no_data, mask).astype(np.uint32)
+        arrays += [da.asarray(p).rechunk(arrays[0].chunks) for p in priorities]
+    image, variance, mask = tilewise3(_merge_block, arrays,
+                                      (np.float32, np.float32, np.uint32),
+                                      n_inputs=len(exposures), no_data=int(no_data))
     first = exposures[0]
     return make_exposure(image, variance=variance, mask=mask, x0=box.x0, y0=box.y0,
                          wcs=first.attrs.get("wcs"), psf=get_psf(first),
@@ -388,6 +392,8 @@ def assemble_template(
                           f"(minimum {config.min_coverage:.0%})",
                           metadata={"coverage": coverage})
     half = KERNELS[config.warp_kernel]
+    nearest = config.tract_merge == "nearest" and len(patches) > 1
+    needed = _tract_tiles(wcs, box, patches) if nearest else {}
     warped, components, centres = [], [], []
     for tract_id in sorted(patches):
         group = list(patches[tract_id])
@@ -402,7 +408,7 @@ def assemble_template(
         centres.append(_tract_centre(group))
         warped.append(warp_exposure(merged, wcs, box, kernel=config.warp_kernel,
                                     interp_length=config.interp_length,
-                                    chunks=config.tile_size))
+                                    chunks=config.tile_size, tiles=needed.get(tract_id)))
         for patch in group:
             psf = get_psf(patch)
             if psf is None:
@@ -413,7 +419,7 @@ def assemble_template(
     if not warped:
         raise NoWorkError(f"{where}: no patches found to overlap the science exposure")
     priorities = None
-    if config.tract_merge == "nearest" and len(warped) > 1:
+    if nearest and len(warped) > 1:
         priorities = [_distance_map(wcs, box, centre, config.tile_size) for centre in centres]
     template = merge_exposures(warped, box, tile_size=config.tile_size, priorities=priorities)
     template = high_variance_mask(template, threshold=config.high_variance_threshold,
@@ -424,6 +430,46 @@ def assemble_template(
         visit_info=_template_visit_info(info, everything),
     )
     return template
+
+
+def _tract_tiles(wcs: Any, box: Box, patches: Mapping[int, Sequence[xr.Dataset]], *,
+                 step: int = 16) -> dict[int, Any]:
+    """For each tract, a predicate telling which destination tiles it may own.
+
+    On a grid of samples (every ``step`` pixels) each sample is owned by the tract whose
+    centre is nearest among the tracts whose patches cover it. A tile is needed for a tract if
+    any sample within ``2 * step`` of the tile is owned by it, so the exact per-pixel choice
+    made by the merge never falls on a tile that was skipped.
+    """
+    xs = np.arange(box.x0, box.x1 + step, step, dtype=float)
+    ys = np.arange(box.y0, box.y1 + step, step, dtype=float)
+    gx, gy = np.meshgrid(xs, ys)
+    ra, dec = pixel_to_sky(wcs, gx.ravel(), gy.ravel())
+    ids = sorted(patches)
+    distance = np.full((len(ids), ra.size), np.inf)
+    for k, tract_id in enumerate(ids):
+        group = patches[tract_id]
+        tract_wcs = require_wcs(group[0], what=f"tract {tract_id} patch")
+        u, v = sky_to_pixel(tract_wcs, ra, dec)
+        covered = np.zeros(ra.size, bool)
+        for patch in group:
+            covered |= np.asarray(exposure_box(patch).contains(u, v))
+        ra0, dec0 = _tract_centre(group)
+        cos_d = (np.sin(np.deg2rad(dec0)) * np.sin(np.deg2rad(dec))
+                 + np.cos(np.deg2rad(dec0)) * np.cos(np.deg2rad(dec))
+                 * np.cos(np.deg2rad(ra - ra0)))
+        distance[k] = np.where(covered, np.arccos(np.clip(cos_d, -1, 1)), np.inf)
+    owner = np.where(np.isfinite(distance).any(axis=0), np.argmin(distance, axis=0), -1)
+    result = {}
+    for k, tract_id in enumerate(ids):
+        px, py = gx.ravel()[owner == k], gy.ravel()[owner == k]
+
+        def needed(tile: Box, px: np.ndarray = px, py: np.ndarray = py) -> bool:
+            grown = tile.grow(2 * step)
+            return bool(np.any(grown.contains(px, py)))
+
+        result[tract_id] = needed
+    return result
 
 
 def _tract_centre(patches: Sequence[xr.Dataset]) -> tuple[float, float]:

@@ -15,6 +15,7 @@ the source pixels under its footprint, so the result does not depend on the chun
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -273,6 +274,7 @@ def warp_exposure(
     interp_length: int = 50,
     chunks: int = DEFAULT_TILE_SIZE,
     bad_planes: tuple[str, ...] = ("NO_DATA",),
+    tiles: Callable[[Box], bool] | None = None,
 ) -> xr.Dataset:
     """Resample an exposure onto a destination WCS and pixel box (lazy, tile-parallel).
 
@@ -292,6 +294,9 @@ def warp_exposure(
         Tile edge of the destination; the result is identical for any value.
     bad_planes : tuple of str, optional
         Source mask planes whose pixels are treated as missing.
+    tiles : callable, optional
+        ``tiles(box) -> bool`` says whether a destination tile is needed; tiles it rejects are
+        not computed and come out NO_DATA (used when another input owns those pixels).
 
     Returns
     -------
@@ -323,9 +328,11 @@ def warp_exposure(
         for xa, xb in pairwise(x_edges):
             box = Box.from_bounds(xa, ya, xb, yb)
             need = mapping.source_box(box, margin=half).intersection(src_full)
+            if tiles is not None and not tiles(box):
+                need = Box(need.x0, need.y0, 0, 0)
             blocks = _warp_tile(src_planes, src_full, need, mapping, box, kernel, bad_bits,
                                 no_data_bit)
-            any_overlap |= not need.is_empty
+            any_overlap |= not need.is_empty or tiles is not None
             for name in row:
                 row[name].append(blocks[name])
         for name in rows:

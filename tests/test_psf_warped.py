@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_tan_wcs
+from .conftest import make_tan_wcs
 
 from daskdiff import Box
 from daskdiff.psf import GaussianPsf, adaptive_moments, psf_from_state

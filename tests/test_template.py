@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import make_tan_wcs
+from .conftest import make_tan_wcs
 
 from daskdiff import (
     Box,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_tan_wcs
+from .conftest import make_tan_wcs
 
 from daskdiff import Box, ConfigError, NoWorkError, load, make_exposure, mask_of
 from daskdiff.warp import PixelMapping, kernel_weights, mapping_error, warp_exposure
