@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
+DEMO_REPO ?= demo-repo
+
 demo: $(STAMP)
-	$(VENV)/bin/daskdiff demo
+	$(VENV)/bin/daskdiff simulate $(DEMO_REPO) --preset demo --overwrite
+	$(VENV)/bin/daskdiff info $(DEMO_REPO)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest

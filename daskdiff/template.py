@@ -52,7 +52,7 @@ from .masks import combine
 from .metadata import PhotoCalib, VisitInfo
 from .psf.warped import CoaddPsf, WarpedPsf
 from .warp import KERNELS, warp_exposure
-from .wcs import local_jacobian, pixel_scale, pixel_to_sky, sky_to_pixel
+from .wcs import local_jacobian, pixel_scale, pixel_to_sky, sky_polygon, sky_to_pixel
 
 __all__ = [
     "GetDcrTemplateConfig",
@@ -276,20 +276,9 @@ def high_variance_mask(exposure: xr.Dataset, *, threshold: float = 4.0,
 # --------------------------------------------------------------------------------------------
 
 
-def _edge_points(box: Box, per_side: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    corners = box.corners()
-    t = np.arange(per_side) / per_side
-    xs = np.concatenate([corners[i, 0] + (corners[(i + 1) % 4, 0] - corners[i, 0]) * t
-                         for i in range(4)])
-    ys = np.concatenate([corners[i, 1] + (corners[(i + 1) % 4, 1] - corners[i, 1]) * t
-                         for i in range(4)])
-    return xs, ys
-
-
 def _mapped_box(src_wcs: Any, src_box: Box, dst_wcs: Any) -> Box:
     """Bounding box in the destination frame of a source box's outline."""
-    xs, ys = _edge_points(src_box)
-    ra, dec = pixel_to_sky(src_wcs, xs, ys)
+    ra, dec = sky_polygon(src_wcs, src_box, points_per_side=16)
     u, v = sky_to_pixel(dst_wcs, ra, dec)
     return Box.bounding(u, v)
 
