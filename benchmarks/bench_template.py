@@ -30,15 +30,15 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def main() -> None:
+def main(width: int = 4072, height: int = 4000) -> None:
     dec0 = -30.0
     sep = 0.35
     dra = sep / math.cos(math.radians(dec0))
     skymap = SkyMap.discrete([(55.0, dec0), (55.0 + dra, dec0)], radius_deg=0.25,
                              pixel_scale_arcsec=0.2, tract_overlap_deg=0.02)
-    det = Box(0, 0, 4072, 4000)
-    wcs = make_tan_wcs(ra=55.0 + dra / 2, dec=dec0, crpix=(2036, 2000), rotation_deg=12.0,
-                       sip=True)
+    det = Box(0, 0, width, height)
+    wcs = make_tan_wcs(ra=55.0 + dra / 2, dec=dec0, crpix=(width / 2, height / 2),
+                       rotation_deg=12.0, sip=True)
     science = make_exposure(np.zeros(det.shape, np.float32), variance=np.ones(det.shape),
                             wcs=wcs, visit_info=VisitInfo(visit=1, detector=0, band="g"))
     wanted = skymap.find_patches(wcs, det.grow(20))
@@ -55,6 +55,7 @@ def main() -> None:
     print(f"patches: {len(wanted)} in tracts {sorted(patches)}")
     config = GetTemplateConfig()
     before = _rss_mib()
+    cpu = time.process_time()
     start = time.perf_counter()
     with dask.config.set(scheduler="synchronous"):
         template = assemble_template(science, patches, config=config)
@@ -62,7 +63,7 @@ def main() -> None:
         template = load(template)
     end = time.perf_counter()
     print(f"graph build: {built - start:.2f} s; compute (one core): {end - built:.2f} s; "
-          f"total {end - start:.2f} s")
+          f"total {end - start:.2f} s wall, {time.process_time() - cpu:.2f} s CPU")
     print(f"peak RSS increase: {_rss_mib() - before:.0f} MiB (inputs held in memory: "
           f"{sum(p['image'].nbytes * 3 for g in patches.values() for p in g) / 2**20:.0f} MiB)")
     print(f"template {template.dd.box}, NO_DATA fraction "
@@ -70,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*[int(v) for v in sys.argv[1:3]])

@@ -21,7 +21,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .box import Box
 
-__all__ = ["regrid", "tilewise3"]
+__all__ = ["call3", "regrid", "tilewise3"]
 
 
 def _fill_cell(chunks: list[np.ndarray], src: list[tuple[slice, slice]],
@@ -130,4 +130,29 @@ def tilewise3(func: Any, arrays: list[da.Array], dtypes: tuple[Any, Any, Any], *
                  for i in range(ny) for j in range(nx)}
         graph = HighLevelGraph.from_collections(name, layer, dependencies=[holder])
         outputs.append(da.Array(graph, name, first.chunks, dtype=dtype))
+    return outputs[0], outputs[1], outputs[2]
+
+
+def call3(func: Any, arrays: list[da.Array], shape: tuple[int, int],
+          dtypes: tuple[Any, Any, Any], **kwargs: Any) -> tuple[da.Array, da.Array, da.Array]:
+    """Run ``func`` once on single-chunk ``arrays``; it returns three ``shape`` planes.
+
+    Unlike ``dask.delayed`` on dask arrays (which optimises and re-keys each argument's graph,
+    so shared upstream tasks can run twice), the task here refers to the arrays' own keys.
+    """
+    for array in arrays:
+        if array.npartitions != 1:
+            raise ValueError("call3 needs single-chunk arrays; rechunk them first")
+    token = uuid4().hex
+    holder_name = f"call3-{token}"
+    dsk = {(holder_name, 0, 0): (partial(func, **kwargs),
+                                 *[(a.name, *(0,) * a.ndim) for a in arrays])}
+    holder = da.Array(HighLevelGraph.from_collections(holder_name, dsk, dependencies=arrays),
+                      holder_name, ((1,), (1,)), dtype=object, meta=np.empty((0, 0), object))
+    outputs = []
+    for k, dtype in enumerate(dtypes):
+        name = f"call3-{k}-{token}"
+        layer = {(name, 0, 0): (getitem, (holder_name, 0, 0), k)}
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=[holder])
+        outputs.append(da.Array(graph, name, ((shape[0],), (shape[1],)), dtype=dtype))
     return outputs[0], outputs[1], outputs[2]

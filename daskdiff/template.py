@@ -26,7 +26,6 @@ from collections.abc import Mapping, Sequence
 from os import PathLike
 from typing import Any, Literal
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -231,15 +230,14 @@ def _variance_model(stats: np.ndarray, fraction_required: float, n_pixels: int
     return medians, float(np.median(medians))
 
 
-def _flag_block(mask: np.ndarray, model: tuple[np.ndarray, float] | None, *, size: int,
-                threshold: float, bit: int, block_info: dict | None = None) -> np.ndarray:
+def _flag_block(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray, stats: np.ndarray, *,
+                size: int, threshold: float, bit: int, fraction_required: float,
+                n_pixels: int) -> np.ndarray:
+    model = _variance_model(stats, fraction_required, n_pixels)
     if model is None:
         return mask
     grid, median = model
-    (y0, y1), (x0, x1) = block_info[0]["array-location"]
-    ys = (np.arange(y0, y1) + 0.5) / size - 0.5
-    xs = (np.arange(x0, x1) + 0.5) / size - 0.5
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    yy, xx = np.meshgrid((ys + 0.5) / size - 0.5, (xs + 0.5) / size - 0.5, indexing="ij")
     value = ndimage.map_coordinates(grid, [yy, xx], order=1, mode="nearest")
     return mask | np.where(value > threshold * median, np.uint32(1 << bit), np.uint32(0))
 
@@ -262,9 +260,13 @@ def high_variance_mask(exposure: xr.Dataset, *, threshold: float = 4.0,
     out_chunks = ((2,), *[tuple(-(-c // bin_size) for c in axis) for axis in variance.chunks])
     stats = da.map_blocks(_bin_medians, variance, mask, ignore, bin_size, dtype=float,
                           chunks=out_chunks, new_axis=0)
-    model = dask.delayed(_variance_model, pure=True)(stats, mask_fraction, variance.size)
-    flagged = da.map_blocks(_flag_block, mask, model=model, size=bin_size, threshold=threshold,
-                            bit=planes["HIGH_VARIANCE"], dtype=np.uint32)
+    ys = da.arange(mask.shape[0], chunks=mask.chunks[0])
+    xs = da.arange(mask.shape[1], chunks=mask.chunks[1])
+    # every tile receives the whole (small) table of bin medians
+    flagged = da.blockwise(_flag_block, "ij", mask, "ij", ys, "i", xs, "j", stats, "kab",
+                           concatenate=True, dtype=np.uint32, size=bin_size,
+                           threshold=threshold, bit=planes["HIGH_VARIANCE"],
+                           fraction_required=mask_fraction, n_pixels=variance.size)
     result = exposure.copy()
     result["mask"] = (("y", "x"), flagged.rechunk(exposure["mask"].data.chunks))
     result.attrs = dict(exposure.attrs)
@@ -528,7 +530,7 @@ def _template_visit_info(science_info: VisitInfo | None, inputs: Sequence[xr.Dat
 # --------------------------------------------------------------------------------------------
 
 
-def _sum_shifted(shifts: Sequence[tuple[float, float]], *images: np.ndarray) -> np.ndarray:
+def _sum_shifted(*images: np.ndarray, shifts: Sequence[tuple[float, float]]) -> np.ndarray:
     total = np.zeros(images[0].shape)
     for shift, image in zip(shifts, images, strict=True):
         total += shift_image(image.astype(np.float64), shift)
@@ -578,11 +580,11 @@ def build_dcr_patch(subfilters: Sequence[xr.Dataset], science: xr.Dataset, *,
         if exposure_box(sub) != box:
             raise InputError(f"DCR sub-filter coadds of one patch must share a box; got {box} "
                              f"and {exposure_box(sub)}")
-    delayed_sum = dask.delayed(_sum_shifted, pure=True)
-    image = da.from_delayed(delayed_sum(shifts, *[s["image"].data for s in subfilters]),
-                            box.shape, dtype=np.float32)
-    variance = da.from_delayed(delayed_sum(shifts, *[s["variance"].data for s in subfilters]),
-                               box.shape, dtype=np.float32)
+    def summed(plane: str) -> da.Array:
+        whole = [da.asarray(s[plane].data).rechunk(-1) for s in subfilters]
+        return da.map_blocks(_sum_shifted, *whole, shifts=shifts, dtype=np.float32)
+
+    image, variance = summed("image"), summed("variance")
     mask = subfilters[0]["mask"].data
     for sub in subfilters[1:]:
         mask = mask | sub["mask"].data

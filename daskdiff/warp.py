@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
 from scipy.interpolate import RectBivariateSpline
 
-from ._tiles import regrid
+from ._tiles import call3, regrid
 from .box import Box
 from .errors import ConfigError, InputError, NoWorkError
 from .exposure import (
@@ -217,7 +216,7 @@ def _accumulate(flat_img: np.ndarray, flat_var: np.ndarray, base: np.ndarray, wx
     return out_img, out_var
 
 
-def _warp_block(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, src_box: Box,
+def _warp_block(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, *, src_box: Box,
                 mapping: PixelMapping, box: Box, kernel: str, bad_bits: int, no_data_bit: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Resample one destination block from a source sub-array covering ``src_box``."""
@@ -360,13 +359,11 @@ def _warp_tile(planes: list[da.Array], src_full: Box, need: Box, mapping: PixelM
     fills = (np.float32(np.nan), np.float32(np.nan), np.uint32(1 << no_data_bit))
     parts = [regrid(plane, (src_full.x0, src_full.y0), need, tile=need.shape, fill=fill)
              for plane, fill in zip(planes, fills, strict=True)]
-    result = dask.delayed(_warp_block, nout=3, pure=False)(
-        *parts, need, mapping, box, kernel, bad_bits, no_data_bit)
-    return {
-        "image": da.from_delayed(result[0], box.shape, dtype=np.float32),
-        "variance": da.from_delayed(result[1], box.shape, dtype=np.float32),
-        "mask": da.from_delayed(result[2], box.shape, dtype=np.uint32),
-    }
+    image, variance, mask = call3(_warp_block, parts, box.shape,
+                                  (np.float32, np.float32, np.uint32), src_box=need,
+                                  mapping=mapping, box=box, kernel=kernel, bad_bits=bad_bits,
+                                  no_data_bit=no_data_bit)
+    return {"image": image, "variance": variance, "mask": mask}
 
 
 def _as_dask(array: Any) -> da.Array:
