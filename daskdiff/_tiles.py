@@ -92,9 +92,9 @@ def regrid(array: da.Array | np.ndarray, origin: tuple[int, int], box: Box, *,
     return da.Array(graph, name, chunks, dtype=dtype)
 
 
-def tilewise3(func: Any, arrays: list[da.Array], dtypes: tuple[Any, Any, Any], **kwargs: Any
-              ) -> tuple[da.Array, da.Array, da.Array]:
-    """Apply ``func`` to aligned tiles of ``arrays``; it returns three planes per tile.
+def tilewise3(func: Any, groups: list[list[da.Array]], dtypes: tuple[Any, Any, Any], *,
+              select: Any = None, **kwargs: Any) -> tuple[da.Array, da.Array, da.Array]:
+    """Apply ``func`` to aligned tiles of groups of arrays; it returns three planes per tile.
 
     Every tile is computed by exactly one task, whose three results feed three output arrays
     (``map_blocks`` with a stacked output would be fused into each plane's consumers and run
@@ -103,24 +103,36 @@ def tilewise3(func: Any, arrays: list[da.Array], dtypes: tuple[Any, Any, Any], *
     Parameters
     ----------
     func : callable
-        ``func(*tiles, **kwargs) -> (a, b, c)``, each of the tile's shape.
-    arrays : list of dask.array.Array
-        Inputs with identical chunks.
+        ``func(*tiles, indices=, location=, **kwargs) -> (a, b, c)``: ``tiles`` are the tiles of
+        the selected groups' arrays, in order; ``indices`` the selected group numbers;
+        ``location`` the tile's ``(row, column)`` offset in the output array.
+    groups : list of list of dask.array.Array
+        Input groups (e.g. the planes of one exposure); all arrays have identical chunks.
     dtypes : tuple
         The dtypes of the three outputs.
+    select : callable, optional
+        ``select(i, j) -> list[int]``: the groups a tile needs (all by default).
     **kwargs
         Constant keyword arguments of ``func``.
     """
-    first = arrays[0]
+    first = groups[0][0]
+    arrays = [a for group in groups for a in group]
     for other in arrays[1:]:
         if other.chunks != first.chunks:
             raise ValueError("tilewise3 needs inputs with identical chunks")
     token = uuid4().hex
     merged_name = f"tiles3-{token}"
-    call = partial(func, **kwargs)
     ny, nx = first.numblocks
-    dsk = {(merged_name, i, j): (call, *[(a.name, i, j) for a in arrays])
-           for i in range(ny) for j in range(nx)}
+    row_starts = np.cumsum((0, *first.chunks[0]))
+    col_starts = np.cumsum((0, *first.chunks[1]))
+    dsk = {}
+    for i in range(ny):
+        for j in range(nx):
+            chosen = list(range(len(groups))) if select is None else list(select(i, j))
+            call = partial(func, indices=chosen,
+                           location=(int(row_starts[i]), int(col_starts[j])), **kwargs)
+            keys = [(a.name, i, j) for k in chosen for a in groups[k]]
+            dsk[(merged_name, i, j)] = (call, *keys)
     holder = da.Array(HighLevelGraph.from_collections(merged_name, dsk, dependencies=arrays),
                       merged_name, first.chunks, dtype=object, meta=np.empty((0, 0), object))
     outputs = []

@@ -23,6 +23,7 @@ the local WCS Jacobians; HIGH_VARIANCE flags pixels whose binned-median variance
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from os import PathLike
 from typing import Any, Literal
 
@@ -120,18 +121,54 @@ def _aligned(exposure: xr.Dataset, box: Box, tile: int) -> tuple[da.Array, ...]:
                  for name, fill in fills.items())
 
 
-def _merge_block(*blocks: np.ndarray, n_inputs: int, no_data: int
+@dataclass(frozen=True)
+class OwnerMap:
+    """Which input owns each pixel of a box, on a coarse grid (nearest sample per pixel).
+
+    ``grid[r, c]`` is the index of the input owning the sample at pixel ``(x0 + c * step,
+    y0 + r * step)`` of the box, or -1; a pixel takes the owner of its nearest sample.
+    """
+
+    grid: np.ndarray
+    box: Box
+    step: int
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        """Return the grid row of each box row in ``[y0, y1)`` (box-relative offsets)."""
+        return np.clip(np.floor(np.arange(y0, y1) / self.step + 0.5).astype(int), 0,
+                       self.grid.shape[0] - 1)
+
+    def cols(self, x0: int, x1: int) -> np.ndarray:
+        """Return the grid column of each box column in ``[x0, x1)`` (box-relative)."""
+        return np.clip(np.floor(np.arange(x0, x1) / self.step + 0.5).astype(int), 0,
+                       self.grid.shape[1] - 1)
+
+    def tile(self, row: int, col: int, shape: tuple[int, int]) -> np.ndarray:
+        """Return the owner of every pixel of a tile at box-relative offset ``(row, col)``."""
+        return self.grid[np.ix_(self.rows(row, row + shape[0]), self.cols(col, col + shape[1]))]
+
+    def owns_any(self, k: int, row: int, col: int, shape: tuple[int, int]) -> bool:
+        """Return whether input ``k`` owns any pixel of the tile."""
+        return bool(np.any(self.tile(row, col, shape) == k))
+
+
+def _merge_block(*blocks: np.ndarray, indices: list[int], location: tuple[int, int],
+                 no_data: int, owner: OwnerMap | None, shape: tuple[int, int]
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Merge one tile: ``blocks`` are (image, variance, mask) per input, then priorities."""
-    trios = [blocks[3 * k:3 * k + 3] for k in range(n_inputs)]
-    priorities = blocks[3 * n_inputs:]
+    """Merge one tile from the (image, variance, mask) tiles of the inputs ``indices``."""
+    trios = [blocks[3 * k:3 * k + 3] for k in range(len(indices))]
     goods = [np.isfinite(i) & np.isfinite(v) & (v > 0) for i, v, _ in trios]
-    if priorities:
-        values = np.stack([np.where(g, p, np.inf) for g, p in zip(goods, priorities,
-                                                                    strict=True)])
-        best = np.argmin(values, axis=0)
-        goods = [g & (best == k) for k, g in enumerate(goods)]
-    shape = trios[0][0].shape
+    if owner is not None and goods:
+        owners = owner.tile(location[0], location[1], shape)
+        owned = [g & (owners == index) for g, index in zip(goods, indices, strict=True)]
+        fallback = ~np.any(owned, axis=0)  # the owner has no good pixel: take the first good
+        taken = np.zeros(shape, bool)
+        chosen = []
+        for own, good in zip(owned, goods, strict=True):
+            pick = own | (fallback & good & ~taken)
+            taken |= pick
+            chosen.append(pick)
+        goods = chosen
     sum_w = np.zeros(shape)
     sum_wi = np.zeros(shape)
     sum_wv = np.zeros(shape)
@@ -151,9 +188,21 @@ def _merge_block(*blocks: np.ndarray, n_inputs: int, no_data: int
     return image, variance, mask
 
 
+def _merge_tile(*blocks: np.ndarray, indices: list[int], location: tuple[int, int],
+                no_data: int, owner: OwnerMap | None, chunks: tuple[tuple[int, ...], ...]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    row_starts = np.cumsum((0, *chunks[0]))
+    col_starts = np.cumsum((0, *chunks[1]))
+    i = int(np.searchsorted(row_starts, location[0]))
+    j = int(np.searchsorted(col_starts, location[1]))
+    shape = (chunks[0][i], chunks[1][j])
+    return _merge_block(*blocks, indices=indices, location=location, no_data=no_data,
+                        owner=owner, shape=shape)
+
+
 def merge_exposures(exposures: Sequence[xr.Dataset], box: Box, *,
                     tile_size: int = DEFAULT_TILE_SIZE,
-                    priorities: Sequence[da.Array] | None = None) -> xr.Dataset:
+                    owner: OwnerMap | None = None) -> xr.Dataset:
     """Merge exposures on a common pixel grid (lazy, elementwise).
 
     A pixel of an input is good if its image and variance are finite and its variance is
@@ -170,9 +219,10 @@ def merge_exposures(exposures: Sequence[xr.Dataset], box: Box, *,
         The output box.
     tile_size : int, optional
         Tile edge of the output.
-    priorities : sequence of dask.array.Array, optional
-        One array per input on ``box`` (tiles of ``tile_size``): where given, each pixel takes
-        the good input of lowest priority value alone instead of the weighted mean.
+    owner : OwnerMap, optional
+        Where given, each pixel takes its owner input alone (or, where the owner has no good
+        pixel, the first input that has one) instead of the weighted mean; tiles only read the
+        inputs that overlap them and, with an owner map, that own part of them.
 
     Returns
     -------
@@ -183,12 +233,25 @@ def merge_exposures(exposures: Sequence[xr.Dataset], box: Box, *,
         raise InputError("nothing to merge: no input exposures")
     planes = combine(get_mask_planes(e) for e in exposures)
     no_data = np.uint32(1 << planes["NO_DATA"])
-    arrays = [plane for exposure in exposures for plane in _aligned(exposure, box, tile_size)]
-    if priorities is not None:
-        arrays += [da.asarray(p).rechunk(arrays[0].chunks) for p in priorities]
-    image, variance, mask = tilewise3(_merge_block, arrays,
-                                      (np.float32, np.float32, np.uint32),
-                                      n_inputs=len(exposures), no_data=int(no_data))
+    groups = [list(_aligned(exposure, box, tile_size)) for exposure in exposures]
+    boxes = [exposure_box(exposure) for exposure in exposures]
+    chunks = groups[0][0].chunks
+    row_starts = np.cumsum((0, *chunks[0]))
+    col_starts = np.cumsum((0, *chunks[1]))
+
+    def select(i: int, j: int) -> list[int]:
+        shape = (chunks[0][i], chunks[1][j])
+        tile = Box(box.x0 + int(col_starts[j]), box.y0 + int(row_starts[i]), shape[1], shape[0])
+        chosen = [k for k, b in enumerate(boxes) if b.overlaps(tile)]
+        if owner is not None:
+            owned = [k for k in chosen
+                     if owner.owns_any(k, int(row_starts[i]), int(col_starts[j]), shape)]
+            chosen = owned or chosen
+        return chosen
+
+    image, variance, mask = tilewise3(_merge_tile, groups, (np.float32, np.float32, np.uint32),
+                                      select=select, no_data=int(no_data), owner=owner,
+                                      chunks=chunks)
     first = exposures[0]
     return make_exposure(image, variance=variance, mask=mask, x0=box.x0, y0=box.y0,
                          wcs=first.attrs.get("wcs"), psf=get_psf(first),
@@ -263,7 +326,8 @@ def high_variance_mask(exposure: xr.Dataset, *, threshold: float = 4.0,
     ys = da.arange(mask.shape[0], chunks=mask.chunks[0])
     xs = da.arange(mask.shape[1], chunks=mask.chunks[1])
     # every tile receives the whole (small) table of bin medians
-    flagged = da.blockwise(_flag_block, "ij", mask, "ij", ys, "i", xs, "j", stats, "kab",
+    flagged = da.blockwise(_flag_block, "ij", mask, "ij", ys, "i", xs, "j",
+                           stats.rechunk(-1), "kab",
                            concatenate=True, dtype=np.uint32, size=bin_size,
                            threshold=threshold, bit=planes["HIGH_VARIANCE"],
                            fraction_required=mask_fraction, n_pixels=variance.size)
@@ -384,8 +448,8 @@ def assemble_template(
                           metadata={"coverage": coverage})
     half = KERNELS[config.warp_kernel]
     nearest = config.tract_merge == "nearest" and len(patches) > 1
-    needed = _tract_tiles(wcs, box, patches) if nearest else {}
-    warped, components, centres = [], [], []
+    owner = _tract_owners(wcs, box, patches) if nearest else None
+    warped, components = [], []
     for tract_id in sorted(patches):
         group = list(patches[tract_id])
         tract_wcs = require_wcs(group[0], what=f"tract {tract_id} patch")
@@ -396,10 +460,10 @@ def assemble_template(
         if region.is_empty:
             continue
         merged = merge_exposures(group, region, tile_size=config.tile_size)
-        centres.append(_tract_centre(group))
         warped.append(warp_exposure(merged, wcs, box, kernel=config.warp_kernel,
                                     interp_length=config.interp_length,
-                                    chunks=config.tile_size, tiles=needed.get(tract_id)))
+                                    chunks=config.tile_size,
+                                    tiles=_needs(owner, len(warped), box)))
         for patch in group:
             psf = get_psf(patch)
             if psf is None:
@@ -409,10 +473,7 @@ def assemble_template(
                 components.append((WarpedPsf(psf, tract_wcs, wcs, box), valid))
     if not warped:
         raise NoWorkError(f"{where}: no patches found to overlap the science exposure")
-    priorities = None
-    if nearest and len(warped) > 1:
-        priorities = [_distance_map(wcs, box, centre, config.tile_size) for centre in centres]
-    template = merge_exposures(warped, box, tile_size=config.tile_size, priorities=priorities)
+    template = merge_exposures(warped, box, tile_size=config.tile_size, owner=owner)
     template = high_variance_mask(template, threshold=config.high_variance_threshold,
                                   mask_fraction=config.high_variance_mask_fraction,
                                   bin_size=config.high_variance_bin_size)
@@ -423,14 +484,12 @@ def assemble_template(
     return template
 
 
-def _tract_tiles(wcs: Any, box: Box, patches: Mapping[int, Sequence[xr.Dataset]], *,
-                 step: int = 16) -> dict[int, Any]:
-    """For each tract, a predicate telling which destination tiles it may own.
+def _tract_owners(wcs: Any, box: Box, patches: Mapping[int, Sequence[xr.Dataset]], *,
+                  step: int = 16) -> OwnerMap:
+    """Own each pixel by the tract whose centre is nearest among those whose patches cover it.
 
-    On a grid of samples (every ``step`` pixels) each sample is owned by the tract whose
-    centre is nearest among the tracts whose patches cover it. A tile is needed for a tract if
-    any sample within ``2 * step`` of the tile is owned by it, so the exact per-pixel choice
-    made by the merge never falls on a tile that was skipped.
+    Ownership is decided on samples every ``step`` pixels (each pixel follows its nearest
+    sample); the inputs are numbered in sorted tract order.
     """
     xs = np.arange(box.x0, box.x1 + step, step, dtype=float)
     ys = np.arange(box.y0, box.y1 + step, step, dtype=float)
@@ -445,73 +504,23 @@ def _tract_tiles(wcs: Any, box: Box, patches: Mapping[int, Sequence[xr.Dataset]]
         covered = np.zeros(ra.size, bool)
         for patch in group:
             covered |= np.asarray(exposure_box(patch).contains(u, v))
-        ra0, dec0 = _tract_centre(group)
-        cos_d = (np.sin(np.deg2rad(dec0)) * np.sin(np.deg2rad(dec))
-                 + np.cos(np.deg2rad(dec0)) * np.cos(np.deg2rad(dec))
-                 * np.cos(np.deg2rad(ra - ra0)))
+        ra0, dec0 = np.deg2rad(tract_wcs.wcs.crval)
+        cos_d = (np.sin(dec0) * np.sin(np.deg2rad(dec)) + np.cos(dec0)
+                 * np.cos(np.deg2rad(dec)) * np.cos(np.deg2rad(ra) - ra0))
         distance[k] = np.where(covered, np.arccos(np.clip(cos_d, -1, 1)), np.inf)
-    owner = np.where(np.isfinite(distance).any(axis=0), np.argmin(distance, axis=0), -1)
-    result = {}
-    for k, tract_id in enumerate(ids):
-        px, py = gx.ravel()[owner == k], gy.ravel()[owner == k]
-
-        def needed(tile: Box, px: np.ndarray = px, py: np.ndarray = py) -> bool:
-            grown = tile.grow(2 * step)
-            return bool(np.any(grown.contains(px, py)))
-
-        result[tract_id] = needed
-    return result
+    grid = np.where(np.isfinite(distance).any(axis=0), np.argmin(distance, axis=0), -1)
+    return OwnerMap(grid.reshape(gx.shape), box, step)
 
 
-def _tract_centre(patches: Sequence[xr.Dataset]) -> tuple[float, float]:
-    """Return the sky position (deg) of a tract's projection centre (its WCS CRVAL)."""
-    wcs = require_wcs(patches[0], what="coadd patch")
-    ra, dec = wcs.wcs.crval
-    return float(ra), float(dec)
+def _needs(owner: OwnerMap | None, k: int, box: Box) -> Any:
+    """Return the tile predicate of input ``k`` for :func:`~daskdiff.warp.warp_exposure`."""
+    if owner is None:
+        return None
 
+    def needed(tile: Box) -> bool:
+        return owner.owns_any(k, tile.y0 - box.y0, tile.x0 - box.x0, tile.shape)
 
-def _distance_block(block: np.ndarray, *, mapping: Any, centre: tuple[float, float],
-                    block_info: dict | None = None) -> np.ndarray:
-    (y0, y1), (x0, x1) = block_info[None]["array-location"]
-    ra, dec = mapping.evaluate(Box.from_bounds(x0, y0, x1, y1))
-    ra0, dec0 = np.deg2rad(centre)
-    ra, dec = np.deg2rad(ra), np.deg2rad(dec)
-    cos_d = (np.sin(dec0) * np.sin(dec) + np.cos(dec0) * np.cos(dec) * np.cos(ra - ra0))
-    return np.arccos(np.clip(cos_d, -1.0, 1.0))
-
-
-def _distance_map(wcs: Any, box: Box, centre: tuple[float, float], tile: int) -> da.Array:
-    """Angular distance (rad) of every pixel of ``box`` from ``centre``, tiled (lazy)."""
-    mapping = _SkyMapping.from_wcs(wcs, box)
-    shape = box.shape
-    return da.map_blocks(_distance_block, da.zeros(shape, chunks=(tile, tile)),
-                         mapping=mapping, centre=centre, dtype=np.float64)
-
-
-class _SkyMapping:
-    """Pixel -> (ra, dec) interpolated from a coarse grid of exact WCS evaluations."""
-
-    def __init__(self, ra: Any, dec: Any) -> None:
-        self._ra, self._dec = ra, dec
-
-    @classmethod
-    def from_wcs(cls, wcs: Any, box: Box, *, step: int = 32) -> _SkyMapping:
-        from scipy.interpolate import RectBivariateSpline
-
-        xs = np.unique(np.r_[np.arange(box.x0, box.x1, step), box.x1 - 1]).astype(float)
-        ys = np.unique(np.r_[np.arange(box.y0, box.y1, step), box.y1 - 1]).astype(float)
-        if len(xs) < 4 or len(ys) < 4:
-            xs = np.linspace(box.x0 - 2, box.x1 + 1, 6)
-            ys = np.linspace(box.y0 - 2, box.y1 + 1, 6)
-        gx, gy = np.meshgrid(xs, ys)
-        ra, dec = pixel_to_sky(wcs, gx.ravel(), gy.ravel())
-        ra = np.unwrap(np.deg2rad(ra)).reshape(gx.shape)
-        return cls(RectBivariateSpline(ys, xs, np.rad2deg(ra)),
-                   RectBivariateSpline(ys, xs, dec.reshape(gx.shape)))
-
-    def evaluate(self, box: Box) -> tuple[np.ndarray, np.ndarray]:
-        ys, xs = box.ys().astype(float), box.xs().astype(float)
-        return self._ra(ys, xs, grid=True), self._dec(ys, xs, grid=True)
+    return needed
 
 
 def _template_visit_info(science_info: VisitInfo | None, inputs: Sequence[xr.Dataset]
