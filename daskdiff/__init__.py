@@ -23,6 +23,7 @@ from .metadata import Observatory, PhotoCalib, VisitInfo, Weather
 from .repository import Repository
 from .skymap import SkyMap
 from .template import GetDcrTemplateConfig, GetTemplateConfig, get_template
+from .workflow import load_pipeline
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,7 @@ __all__ = [
     "get_visit_info",
     "get_wcs",
     "load",
+    "load_pipeline",
     "make_exposure",
     "mask_of",
     "read_exposure",

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import dask.array as da
 import numpy as np
 import xarray as xr
-from pydantic import Field
+from pydantic import Field, model_validator
 from scipy import ndimage
 
 from ._tiles import regrid, tilewise3
@@ -55,6 +55,7 @@ from .warp import KERNELS, warp_exposure
 from .wcs import local_jacobian, pixel_scale, pixel_to_sky, sky_polygon, sky_to_pixel
 
 __all__ = [
+    "ExposureTemplateConfig",
     "GetDcrTemplateConfig",
     "GetTemplateConfig",
     "assemble_template",
@@ -101,6 +102,23 @@ class GetDcrTemplateConfig(GetTemplateConfig):
                                         description="band effective wavelength (nm)")
     bandwidth: float = Field(gt=0.0, lt=2000.0, description="band width (nm)")
     num_subfilters: int = Field(3, ge=1, le=32, description="DCR sub-filters per band")
+
+
+class ExposureTemplateConfig(GetTemplateConfig):
+    """Configuration of "any exposure as a template" in a campaign.
+
+    Exactly one of ``template_visit`` (the calexp of that visit, same detector, from the
+    repository) and ``template_path`` (a FITS or zarr file) names the template.
+    """
+
+    template_visit: int | None = Field(None, ge=0, description="visit used as the template")
+    template_path: str | None = Field(None, description="file used as the template")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ExposureTemplateConfig:
+        if (self.template_visit is None) == (self.template_path is None):
+            raise ValueError("give exactly one of templateVisit and templatePath")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -720,6 +738,14 @@ def get_template(
     """
     config = config or GetTemplateConfig()
     require_wcs(science, what="science exposure")
+    if isinstance(config, ExposureTemplateConfig) and not isinstance(source, xr.Dataset):
+        if config.template_path is not None:
+            source = config.template_path
+        else:
+            info = get_visit_info(science)
+            detector = info.detector if info else 0
+            source = source.get_exposure("calexp", visit=config.template_visit,
+                                         detector=detector, chunks=(config.tile_size,) * 2)
     if isinstance(source, xr.Dataset):
         return exposure_template(science, source, config=config)
     if isinstance(source, str | PathLike):
