@@ -1,6 +1,7 @@
 """daskdiff: difference-image analysis for wide-field time-domain surveys, on Dask."""
 
 from .box import Box
+from .detect import DetectAndMeasureConfig, detect_and_measure
 from .errors import AlgorithmError, ConfigError, DaskdiffError, InputError, NoWorkError
 from .exposure import (
     DEFAULT_TILE_SIZE,
@@ -22,6 +23,7 @@ from .masks import MaskPlanes
 from .metadata import Observatory, PhotoCalib, VisitInfo, Weather
 from .repository import Repository
 from .skymap import SkyMap
+from .subtract import AlardLuptonConfig, SubtractionResult, subtract
 from .template import GetDcrTemplateConfig, GetTemplateConfig, get_template
 from .workflow import load_pipeline
 
@@ -29,10 +31,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TILE_SIZE",
+    "AlardLuptonConfig",
     "AlgorithmError",
     "Box",
     "ConfigError",
     "DaskdiffError",
+    "DetectAndMeasureConfig",
     "GetDcrTemplateConfig",
     "GetTemplateConfig",
     "InputError",
@@ -42,9 +46,11 @@ __all__ = [
     "PhotoCalib",
     "Repository",
     "SkyMap",
+    "SubtractionResult",
     "VisitInfo",
     "Weather",
     "cutout",
+    "detect_and_measure",
     "exposure_box",
     "get_mask_planes",
     "get_photo_calib",
@@ -59,5 +65,6 @@ __all__ = [
     "read_exposure",
     "rechunk",
     "replace_metadata",
+    "subtract",
     "write_exposure",
 ]

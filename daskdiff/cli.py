@@ -51,3 +51,6 @@ main.add_command(simulate)
 from .detect.cli import stamps  # noqa: E402
 
 main.add_command(stamps)
+from .subtract.cli import subtract_command  # noqa: E402
+
+main.add_command(subtract_command)

@@ -67,7 +67,7 @@ class TestMaskPlanes:
         assert planes.with_planes("FAKE") == planes
 
     def test_unknown_plane_message(self):
-        with pytest.raises(InputError, match="unknown mask plane 'NOPE'.*with_planes"):
+        with pytest.raises(InputError, match=r"unknown mask plane 'NOPE'.*with_planes"):
             MaskPlanes().bitmask("NOPE")
 
     def test_header_roundtrip(self):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from .conftest import make_tan_wcs
 
 from daskdiff import Box
 from daskdiff.psf import GaussianPsf, adaptive_moments, psf_from_state
 from daskdiff.psf.measure import centroid
 from daskdiff.psf.warped import CoaddPsf, WarpedPsf, pixel_jacobian
+
+from .conftest import make_tan_wcs
 
 SRC = make_tan_wcs(ra=10.0, dec=-20.0, crpix=(500, 500), scale_arcsec=0.2)
 DST = make_tan_wcs(ra=10.0, dec=-20.0, crpix=(400, 420), scale_arcsec=0.25, rotation_deg=30.0,

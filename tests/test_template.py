@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 import pytest
-from .conftest import make_tan_wcs
 
 from daskdiff import (
     Box,
@@ -37,6 +36,8 @@ from daskdiff.template import (
     merge_exposures,
 )
 from daskdiff.wcs import pixel_to_sky, sky_to_pixel
+
+from .conftest import make_tan_wcs
 
 RA0, DEC0 = 55.0, -30.0
 SEPARATION = 0.05  # deg between tract centres (along RA)
@@ -359,7 +360,7 @@ def test_dcr_template_displaces_blue_light(tmp_path):
     for x, y, flux in zip(sx, sy, stars[2], strict=True):
         if flux < 3000 or not box.grow(-15).contains(x, y):
             continue
-        ix, iy = int(round(x)) - box.x0, int(round(y)) - box.y0
+        ix, iy = round(x) - box.x0, round(y) - box.y0
         a = template["image"].values[iy - 7:iy + 8, ix - 7:ix + 8]
         b = flat["image"].values[iy - 7:iy + 8, ix - 7:ix + 8]
         ca, cb = centroid(a - np.median(a)), centroid(b - np.median(b))

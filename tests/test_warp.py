@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from .conftest import make_tan_wcs
 
 from daskdiff import Box, ConfigError, NoWorkError, load, make_exposure, mask_of
 from daskdiff.warp import PixelMapping, kernel_weights, mapping_error, warp_exposure
 from daskdiff.wcs import pixel_to_sky, sky_to_pixel
+
+from .conftest import make_tan_wcs
 
 SRC_WCS = make_tan_wcs(ra=55.0, dec=-30.0, crpix=(500, 500))
 DST_WCS = make_tan_wcs(ra=55.0003, dec=-30.0002, crpix=(400, 400), rotation_deg=17.0,

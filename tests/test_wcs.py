@@ -57,7 +57,7 @@ def test_local_geometry(tan_wcs):
     jac = local_jacobian(tan_wcs, 1000, 1000)
     np.testing.assert_allclose(jac, [[-0.2, 0.0], [0.0, 0.2]], atol=1e-6)
     ra, dec = sky_polygon(tan_wcs, Box(0, 0, 100, 100), points_per_side=3)
-    assert ra.shape == (12,)
+    assert ra.shape == dec.shape == (12,)
 
 
 def test_missing_or_non_celestial_wcs():

@@ -1,0 +1,315 @@
+"""Kernel fit: per-candidate least squares, clipping, and the spatial model.
+
+For every kernel source a stamp of side ``2 * size + 1`` of the unconvolved ("target") image is
+modelled as ``sum_i a_i (R * B_i) + b`` where ``R`` is the convolved ("reference") image and
+``B_i`` the basis. All stamps are convolved with all bases at once (separable 1-D passes for
+the Alard-Lupton basis, a batched FFT for the delta-function basis), and each
+candidate is reduced to its normal equations plus the few sums needed to evaluate its residual
+statistics analytically for *any* coefficient vector, so clipping and the spatial fit never
+touch pixels again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import fft as sfft
+
+from ..box import Box
+from ..errors import AlgorithmError
+from .basis import SeparableBasis, laplacian_penalty
+from .config import AlardLuptonConfig
+from .kernel import KernelSolution, chebyshev_terms, n_terms, scaled_position
+
+__all__ = ["CandidateSystems", "build_systems", "fit_kernel"]
+
+_BATCH = 64
+
+
+@dataclass
+class CandidateSystems:
+    """Per-candidate normal equations and residual sums (``c`` candidates, ``m`` unknowns)."""
+
+    x: np.ndarray          # (c,) parent x of the stamp centres
+    y: np.ndarray          # (c,)
+    normal: np.ndarray     # (c, m, m)  A A^T with the constant weight folded in
+    rhs: np.ndarray        # (c, m)     A s, weighted
+    chi_normal: np.ndarray  # (c, m, m) A diag(1/v) A^T
+    chi_rhs: np.ndarray    # (c, m)     A s / v
+    chi_ss: np.ndarray     # (c,)       sum s^2 / v
+    chi_sum_a: np.ndarray  # (c, m)     sum A / sqrt(v)
+    chi_sum_s: np.ndarray  # (c,)       sum s / sqrt(v)
+    n_pix: int
+
+    def residual_stats(self, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return the mean and std of ``(s - A a) / sqrt(v)`` per candidate."""
+        mean = (self.chi_sum_s - np.einsum("cm,cm->c", self.chi_sum_a, coeffs)) / self.n_pix
+        sq = (self.chi_ss - 2 * np.einsum("cm,cm->c", coeffs, self.chi_rhs)
+              + np.einsum("cm,cmn,cn->c", coeffs, self.chi_normal, coeffs))
+        var = np.maximum(sq / self.n_pix - mean**2, 0.0)
+        return mean, np.sqrt(var)
+
+    def subset(self, keep: np.ndarray) -> CandidateSystems:
+        """Return the systems of the kept candidates."""
+        return CandidateSystems(*(getattr(self, f)[keep] for f in (
+            "x", "y", "normal", "rhs", "chi_normal", "chi_rhs", "chi_ss", "chi_sum_a",
+            "chi_sum_s")), n_pix=self.n_pix)
+
+
+def _stamps(image: np.ndarray, origin: tuple[int, int], xs: np.ndarray, ys: np.ndarray,
+            half: int) -> np.ndarray:
+    ox, oy = origin
+    side = 2 * half + 1
+    out = np.empty((len(xs), side, side), dtype=np.float64)
+    for k, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        r, c = int(y) - oy - half, int(x) - ox - half
+        out[k] = image[r:r + side, c:c + side]
+    return out
+
+
+def _fft_design(r_img: np.ndarray, basis: np.ndarray, side: int) -> np.ndarray:
+    """Return the valid convolutions of stamps with basis images (FFT), ``(c, n, p)``."""
+    half = basis.shape[-1] // 2
+    nfft = sfft.next_fast_len(r_img.shape[-1], real=True)
+    basis_ft = sfft.rfft2(basis, s=(nfft, nfft))
+    conv = sfft.irfft2(sfft.rfft2(r_img, s=(nfft, nfft))[:, None] * basis_ft[None],
+                       s=(nfft, nfft))[..., 2 * half:2 * half + side, 2 * half:2 * half + side]
+    return conv.reshape(len(r_img), basis.shape[0], -1)
+
+
+def _toeplitz(kernels: np.ndarray, n: int, side: int) -> np.ndarray:
+    """Return ``W (n, side, d)`` with ``sum_u W[u, x, p] f[u]`` the valid convolution of ``f``."""
+    size = kernels.shape[0]
+    w = np.zeros((n, side, kernels.shape[1]))
+    flipped = kernels[::-1]
+    for x in range(side):
+        w[x:x + size, x] = flipped
+    return w
+
+
+def _separable_design(r_img: np.ndarray, basis: SeparableBasis, side: int) -> np.ndarray:
+    """Return the valid convolutions with the separable raw kernels, mapped to the basis.
+
+    Each 1-D pass is one matrix product with a banded (Toeplitz) matrix, so the work is done
+    by BLAS; the result has shape ``(c, n_basis, side * side)``.
+    """
+    c, n = r_img.shape[0], r_img.shape[1]
+    raw = np.empty((c, len(basis.gauss), side, side))
+    for g, kx in enumerate(basis.kx):
+        d = kx.shape[1]
+        w = _toeplitz(kx, n, side)
+        rows = (r_img.reshape(c * n, n) @ w.reshape(n, side * d)).reshape(c, n, side, d)
+        both = np.tensordot(w, rows, axes=(0, 1))          # (y, q, c, x, p)
+        sel = np.flatnonzero(basis.gauss == g)
+        picked = both[:, basis.py[sel], :, :, basis.px[sel]]  # (i, y, c, x)
+        raw[:, sel] = picked.transpose(2, 0, 1, 3)
+    flat = raw.reshape(c, len(basis.gauss), -1)
+    return np.matmul(basis.transform[None], flat)
+
+
+def build_systems(target: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                  xs: np.ndarray, ys: np.ndarray, basis: np.ndarray | SeparableBasis, *,
+                  fit_background: bool) -> CandidateSystems:
+    """Convolve every reference stamp with every basis and reduce to normal equations.
+
+    Parameters
+    ----------
+    target, reference : dict
+        ``image``, ``variance`` (numpy, whole images) and ``origin`` ``(x0, y0)``.
+    xs, ys : numpy.ndarray
+        Integer parent positions of the stamp centres; stamps must lie inside both images.
+    basis : numpy.ndarray or SeparableBasis
+        ``(n_basis, size, size)`` basis images, or a separable AL basis.
+    fit_background : bool
+        Add a constant column (the local differential background).
+    """
+    separable = isinstance(basis, SeparableBasis)
+    size = basis.kx[0].shape[0] if separable else basis.shape[-1]
+    nb = len(basis.gauss) if separable else basis.shape[0]
+    half = size // 2
+    hs = size  # stamp half-side: the stamp is 2 * size + 1 wide
+    side = 2 * hs + 1
+    m = nb + (1 if fit_background else 0)
+    c = len(xs)
+    out = {k: [] for k in ("normal", "rhs", "chi_normal", "chi_rhs", "chi_ss", "chi_sum_a",
+                           "chi_sum_s")}
+    for start in range(0, c, _BATCH):
+        sl = slice(start, start + _BATCH)
+        s_img = _stamps(target["image"], target["origin"], xs[sl], ys[sl], hs)
+        s_var = _stamps(target["variance"], target["origin"], xs[sl], ys[sl], hs)
+        r_img = _stamps(reference["image"], reference["origin"], xs[sl], ys[sl], hs + half)
+        r_var = _stamps(reference["variance"], reference["origin"], xs[sl], ys[sl], hs)
+        design = (_separable_design(r_img, basis, side) if separable
+                  else _fft_design(r_img, basis, side))
+        if fit_background:
+            design = np.concatenate([design, np.ones((len(s_img), 1, side * side))], axis=1)
+        s = s_img.reshape(len(s_img), -1)
+        v = np.maximum((s_var + r_var).reshape(len(s_img), -1), 1e-30)
+        weight = 1.0 / np.median(v, axis=1)
+        inv_v = 1.0 / v
+        design_t = np.ascontiguousarray(design.transpose(0, 2, 1))
+        out["normal"].append(np.matmul(design, design_t) * weight[:, None, None])
+        out["rhs"].append(np.matmul(design, s[..., None])[..., 0] * weight[:, None])
+        dv = design * inv_v[:, None, :]
+        out["chi_normal"].append(np.matmul(dv, design_t))
+        out["chi_rhs"].append(np.matmul(dv, s[..., None])[..., 0])
+        out["chi_ss"].append(np.sum(s * s * inv_v, axis=1))
+        sq = np.sqrt(inv_v)
+        out["chi_sum_a"].append(np.matmul(design, sq[..., None])[..., 0])
+        out["chi_sum_s"].append(np.sum(s * sq, axis=1))
+    arrays = {k: (np.concatenate(v) if v else np.zeros((0, m, m) if "normal" in k else (0, m)))
+              for k, v in out.items()}
+    return CandidateSystems(x=np.asarray(xs, float), y=np.asarray(ys, float), n_pix=side * side,
+                            **arrays)
+
+
+def _solve_each(systems: CandidateSystems, penalty: np.ndarray | None) -> np.ndarray:
+    normal = systems.normal
+    if penalty is not None:
+        scale = np.trace(normal, axis1=1, axis2=2) / normal.shape[1]
+        normal = normal + scale[:, None, None] * penalty[None]
+    ridge = 1e-12 * np.trace(normal, axis1=1, axis2=2)[:, None, None] * np.eye(normal.shape[1])
+    return np.linalg.solve(normal + ridge, systems.rhs[..., None])[..., 0]
+
+
+def _clipped_stats(values: np.ndarray, *, nsigma: float = 3.0, n_iter: int = 3
+                   ) -> tuple[float, float]:
+    keep = np.isfinite(values)
+    for _ in range(n_iter):
+        mean, std = np.mean(values[keep]), np.std(values[keep])
+        new = keep & (np.abs(values - mean) <= nsigma * std + 1e-12)
+        if new.sum() == keep.sum() or new.sum() < 2:
+            break
+        keep = new
+    return float(np.mean(values[keep])), float(np.std(values[keep]))
+
+
+def _design_map(systems: CandidateSystems, nb: int, box: Box, kernel_order: int,
+                bg_order: int | None) -> np.ndarray:
+    """Return Phi ``(c, m, n_par)`` mapping global parameters to per-candidate coefficients."""
+    xs, ys = scaled_position(box, systems.x, systems.y)
+    kt = chebyshev_terms(kernel_order, xs, ys).T  # (c, nt)
+    nt = kt.shape[1]
+    nbg = 0 if bg_order is None else n_terms(bg_order)
+    m = nb + (1 if bg_order is not None else 0)
+    npar = 1 + (nb - 1) * nt + nbg
+    phi = np.zeros((len(xs), m, npar))
+    phi[:, 0, 0] = 1.0
+    for i in range(1, nb):
+        phi[:, i, 1 + (i - 1) * nt:1 + i * nt] = kt
+    if bg_order is not None:
+        phi[:, nb, 1 + (nb - 1) * nt:] = chebyshev_terms(bg_order, xs, ys).T
+    return phi
+
+
+def _spatial_solve(systems: CandidateSystems, phi: np.ndarray, penalty: np.ndarray | None,
+                   nb: int, nt: int) -> tuple[np.ndarray, float]:
+    npar = phi.shape[2]
+    weighted = np.matmul(systems.normal, phi).reshape(-1, npar)
+    normal = phi.reshape(-1, npar).T @ weighted
+    rhs = phi.reshape(-1, npar).T @ systems.rhs.reshape(-1)
+    if penalty is not None:
+        full = np.zeros_like(normal)
+        pen = np.kron(penalty[1:nb, 1:nb], np.eye(nt))
+        full[1:1 + pen.shape[0], 1:1 + pen.shape[0]] = pen
+        full[0, 0] = penalty[0, 0]
+        normal = normal + np.trace(normal) / normal.shape[0] * full
+    cond = float(np.linalg.cond(normal))
+    theta = np.linalg.lstsq(normal, rhs, rcond=1e-13)[0]
+    return theta, cond
+
+
+def _affordable_order(order: int, n_candidates: int, per_term: int) -> int:
+    """Return the highest order <= ``order`` with ``per_term`` candidates per spatial term.
+
+    A spatial polynomial with as many terms as candidates interpolates them exactly and is
+    unconstrained in between (LSST only warns); lowering the order keeps the model determined.
+    """
+    while order > 0 and n_terms(order) * per_term > n_candidates:
+        order -= 1
+    return order
+
+
+def _fail(message: str, counts: dict[str, int]) -> None:
+    raise AlgorithmError(f"kernel fit failed: {message} ({counts}); check that the images "
+                         "overlap and contain at least a few unsaturated isolated stars",
+                         metadata=counts)
+
+
+def fit_kernel(systems: CandidateSystems, basis: np.ndarray, box: Box, *,
+               config: AlardLuptonConfig, convolved: str
+               ) -> tuple[KernelSolution, np.ndarray]:
+    """Clip candidates and fit the spatially varying kernel (LSST ``PsfMatchTask._solve``).
+
+    Returns
+    -------
+    solution : KernelSolution
+        The spatial kernel and background.
+    used : numpy.ndarray
+        Boolean per candidate: kept by the clipping.
+
+    Raises
+    ------
+    AlgorithmError
+        Fewer than ``config.min_kernel_sources`` candidates survive the clipping.
+    """
+    nb = basis.shape[0]
+    bg_order = config.spatial_bg_order if config.fit_for_background else None
+    penalty = None
+    if config.kernel_basis == "delta-function" and config.regularization > 0:
+        penalty = np.zeros((systems.normal.shape[1],) * 2)
+        penalty[:nb, :nb] = config.regularization * laplacian_penalty(basis.shape[-1])
+    counts = {"n_candidates": len(systems.x), "rejected_single": 0, "rejected_ksum": 0,
+              "rejected_spatial": 0}
+    keep = np.ones(len(systems.x), dtype=bool)
+    while True:  # single-kernel and kernel-sum clipping until nothing changes
+        if keep.sum() < config.min_kernel_sources:
+            _fail("too few candidates survived the single-kernel clipping", counts)
+        sub = systems.subset(keep)
+        coeffs = _solve_each(sub, penalty)
+        mean, std = sub.residual_stats(coeffs)
+        bad = (np.abs(mean) > config.candidate_residual_mean_max) | (
+            std > config.candidate_residual_std_max) | ~np.isfinite(std)
+        ksum = coeffs[:, 0] * basis[0].sum()
+        good = ~bad
+        if good.sum() >= 2:
+            kmean, kstd = _clipped_stats(ksum[good])
+            ks_bad = good & (np.abs(ksum - kmean) > config.max_ksum_sigma * kstd + 1e-9)
+        else:
+            ks_bad = np.zeros_like(bad)
+        if not bad.any() and not ks_bad.any():
+            break
+        idx = np.flatnonzero(keep)
+        counts["rejected_single"] += int(bad.sum())
+        counts["rejected_ksum"] += int(ks_bad.sum())
+        keep[idx[bad | ks_bad]] = False
+    for iteration in range(config.max_spatial_iterations + 1):
+        if keep.sum() < config.min_kernel_sources:
+            _fail("too few candidates survived the spatial clipping", counts)
+        n_keep, per_term = int(keep.sum()), config.min_sources_per_term
+        k_order = _affordable_order(config.spatial_kernel_order, n_keep, per_term)
+        b_order = None if bg_order is None else _affordable_order(bg_order, n_keep, per_term)
+        nt = n_terms(k_order)
+        sub = systems.subset(keep)
+        phi = _design_map(sub, nb, box, k_order, b_order)
+        theta, cond = _spatial_solve(sub, phi, penalty, nb, nt)
+        if iteration == config.max_spatial_iterations:
+            break
+        mean, std = sub.residual_stats(np.einsum("cip,p->ci", phi, theta))
+        bad = (np.abs(mean) > config.candidate_residual_mean_max) | (
+            std > config.candidate_residual_std_max)
+        if not bad.any():
+            break
+        counts["rejected_spatial"] += int(bad.sum())
+        keep[np.flatnonzero(keep)[bad]] = False
+    npar_k = 1 + (nb - 1) * nt
+    counts.update(n_used=int(keep.sum()), n_rejected=int((~keep).sum()))
+    stats = {"condition_number": cond, **counts, "kernel_order_used": k_order,
+             "bg_order_used": b_order if b_order is not None else -1}
+    solution = KernelSolution(basis=basis, constant=float(theta[0]),
+                          spatial=theta[1:npar_k].reshape(nb - 1, nt),
+                          background=theta[npar_k:], box=box,
+                          kernel_order=k_order, bg_order=b_order if b_order is not None else 0,
+                          convolved=convolved, stats=stats)
+    return solution, keep
