@@ -44,6 +44,54 @@ def info(repo: str, as_json: bool) -> None:
         click.echo(repository.format_summary())
 
 
+@main.command("run")
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.argument("repo", type=click.Path(file_okay=False))
+@click.option("--where", default=None,
+              help='Quanta to run, e.g. "visit in (1000, 1001) and detector < 10".')
+@click.option("--run", "run_name", default=None, help="Run name (default: <coaddName>Diff).")
+@click.option("--cluster", default="local", show_default=True,
+              help="sync, local, tcp://HOST:PORT or slurm:PROFILE.")
+@click.option("--workers", type=int, default=None, help="Local workers or maximum Slurm jobs.")
+@click.option("--attempts", type=int, default=3, show_default=True,
+              help="Tries of a quantum that fails with a non-daskdiff error.")
+def run_command(pipeline: str, repo: str, where: str | None, run_name: str | None,
+                cluster: str, workers: int | None, attempts: int) -> None:
+    """Run PIPELINE on every selected (visit, detector) of REPO; rerunning resumes."""
+    from .repository import Repository
+    from .workflow import load_pipeline
+    from .workflow.campaign import run_campaign
+
+    spec = load_pipeline(pipeline)
+    repository = Repository.open(repo)
+    summary = run_campaign(spec, repository, run=run_name, where=where, cluster=cluster,
+                           workers=workers, attempts=attempts,
+                           progress=lambda message: click.echo(message, err=True))
+    click.echo(summary.format())
+
+
+@main.command("status")
+@click.argument("repo", type=click.Path(file_okay=False))
+@click.option("--run", "run_name", required=True, help="The run to show.")
+@click.option("--slowest", type=int, default=5, show_default=True,
+              help="How many of the slowest quanta to list.")
+def status_command(repo: str, run_name: str, slowest: int) -> None:
+    """Show the ledger of a run: counts, failures with reasons, the slowest quanta."""
+    from .repository import Repository
+
+    ledger = Repository.open(repo).ledger
+    ledger.get_run(run_name)
+    counts = ledger.counts(run_name)
+    click.echo(f"run {run_name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    for quantum in ledger.quanta(run_name, state="failed"):
+        click.echo(f"  failed visit {quantum.visit} detector {quantum.detector} "
+                   f"({quantum.error_kind}, {quantum.attempts} attempts): {quantum.reason}")
+    done = [q for q in ledger.quanta(run_name, state="done") if q.seconds is not None]
+    for quantum in sorted(done, key=lambda q: -q.seconds)[:slowest]:
+        click.echo(f"  slow visit {quantum.visit} detector {quantum.detector}: "
+                   f"{quantum.seconds:.1f} s, {quantum.qa.get('n_dia_sources', 0)} DIA sources")
+
+
 # subcommands from other modules
 from .simulate.cli import simulate  # noqa: E402
 
