@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 DEMO_REPO ?= demo-repo
 
 demo: $(STAMP)
-	$(VENV)/bin/daskdiff simulate $(DEMO_REPO) --preset demo --overwrite
+	$(VENV)/bin/daskdiff simulate $(DEMO_REPO) --preset demo --overwrite --quiet
 	$(VENV)/bin/daskdiff info $(DEMO_REPO)
+	$(VENV)/bin/daskdiff run workflows/al.yaml $(DEMO_REPO) --cluster local
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest

@@ -55,12 +55,14 @@ def info(repo: str, as_json: bool) -> None:
 @click.option("--workers", type=int, default=None, help="Local workers or maximum Slurm jobs.")
 @click.option("--attempts", type=int, default=3, show_default=True,
               help="Tries of a quantum that fails with a non-daskdiff error.")
+@click.option("--stamps", "n_stamps", type=int, default=20, show_default=True,
+              help="Write stamps of this many of the brightest DIA sources (0: none).")
 def run_command(pipeline: str, repo: str, where: str | None, run_name: str | None,
-                cluster: str, workers: int | None, attempts: int) -> None:
+                cluster: str, workers: int | None, attempts: int, n_stamps: int) -> None:
     """Run PIPELINE on every selected (visit, detector) of REPO; rerunning resumes."""
     from .repository import Repository
     from .workflow import load_pipeline
-    from .workflow.campaign import run_campaign
+    from .workflow.campaign import run_campaign, write_campaign_stamps
 
     spec = load_pipeline(pipeline)
     repository = Repository.open(repo)
@@ -68,6 +70,9 @@ def run_command(pipeline: str, repo: str, where: str | None, run_name: str | Non
                            workers=workers, attempts=attempts,
                            progress=lambda message: click.echo(message, err=True))
     click.echo(summary.format())
+    page = write_campaign_stamps(repository, spec, summary.run, n_brightest=n_stamps)
+    if page is not None:
+        click.echo(f"stamps of the brightest DIA sources: {page}")
 
 
 @main.command("status")

@@ -86,6 +86,12 @@ def test_cli_run_and_status(tiny, tmp_path):
                                        "--cluster", "sync", "--where", "detector == 1"])
     assert result.exit_code == 0, result.output
     assert "DIA sources found" in result.output
+    found = int(result.output.split("DIA sources found: ")[1].split()[0])
+    assert ("stamps of the brightest" in result.output) == (found > 0)
+    if found:
+        page = repo.root / "runs" / "goodSeeingDiff" / "stamps" / "index.html"
+        assert page.exists() and "brightest DIA sources" in page.read_text()
+        assert list(page.parent.rglob("*.png"))
     status = CliRunner().invoke(main, ["status", str(repo.root), "--run", "goodSeeingDiff"])
     assert status.exit_code == 0, status.output
     assert "run goodSeeingDiff" in status.output

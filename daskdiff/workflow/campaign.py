@@ -26,7 +26,14 @@ from ..ledger import error_state
 from .cluster import open_cluster
 from .pipeline import Pipeline, parse_pipeline
 
-__all__ = ["CampaignSummary", "QuantumResult", "parse_where", "run_campaign", "run_quantum"]
+__all__ = [
+    "CampaignSummary",
+    "QuantumResult",
+    "parse_where",
+    "run_campaign",
+    "run_quantum",
+    "write_campaign_stamps",
+]
 
 #: Quantum states a resumed campaign does not run again (besides deterministic failures).
 FINAL_STATES = ("done", "no-work")
@@ -318,3 +325,56 @@ def _attempt_locally(root: str, document: dict[str, Any], run: str, visit: int,
             last = error
     state, kind, reason = error_state(last or RuntimeError("no attempt was made"))
     return QuantumResult(visit, detector, state, reason, kind)
+
+
+def write_campaign_stamps(repo: Any, pipeline: Pipeline, run: str, *, n_brightest: int = 20,
+                          size: int = 100) -> Any:
+    """Write postage stamps of the brightest DIA sources of a run and a gallery page.
+
+    The ``n_brightest`` real (non-sky) sources by absolute calibrated PSF flux over all quanta
+    get science / template / difference stamps (FITS and PNG) in
+    ``REPO/runs/RUN/stamps/visit=V_detector=D/``; ``REPO/runs/RUN/stamps/index.html`` links
+    the per-quantum galleries. Returns that page, or ``None`` when the run found no source.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    from ..stamps import make_stamps
+
+    refs = repo.query(pipeline.dataset_name("diaSrc"), run=run)
+    tables = [repo.get_table(ref) for ref in refs]
+    tables = [t for t in tables if t.num_rows]
+    if not tables or n_brightest <= 0:
+        return None
+    catalog = pa.concat_tables(tables)
+    real = ~np.asarray(catalog.column("sky_source").to_pylist(), bool)
+    flux = np.abs(np.nan_to_num(np.asarray(catalog.column("psf_flux_njy").to_pylist(),
+                                           float)))
+    order = [i for i in np.argsort(-flux) if real[i]][:n_brightest]
+    if not order:
+        return None
+    chosen = catalog.take(sorted(order))
+    root = repo.root / "runs" / run / "stamps"
+    links = []
+    quanta = sorted(set(zip(chosen.column("visit").to_pylist(),
+                            chosen.column("detector").to_pylist(), strict=True)))
+    for visit, detector in quanta:
+        keep = np.asarray([v == visit and d == detector for v, d in zip(
+            chosen.column("visit").to_pylist(), chosen.column("detector").to_pylist(),
+            strict=True)])
+        ids = {"visit": visit, "detector": detector}
+        page = make_stamps(
+            repo.get_exposure("calexp", **ids, chunks=None),
+            repo.get_exposure(pipeline.dataset_name("template"), run=run, **ids, chunks=None),
+            repo.get_exposure(pipeline.dataset_name("difference"), run=run, **ids,
+                              chunks=None),
+            chosen.filter(pa.array(keep)), root / f"visit={visit}_detector={detector}",
+            size=size, overwrite=True)
+        links.append((visit, detector, int(keep.sum()), page.relative_to(root)))
+    items = "\n".join(f'<li><a href="{path}">visit {v}, detector {d}</a>: {n} sources</li>'
+                      for v, d, n, path in links)
+    index = root / "index.html"
+    index.write_text(f"<html><head><title>{run}: brightest DIA sources</title></head><body>"
+                     f"<h1>{run}: the {len(order)} brightest DIA sources</h1><ul>{items}</ul>"
+                     "</body></html>\n")
+    return index
