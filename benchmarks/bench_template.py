@@ -13,11 +13,12 @@ import math
 import resource
 import sys
 import time
+from pathlib import Path
 
 import dask
 import numpy as np
 
-sys.path.insert(0, "tests")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import make_tan_wcs
 
 from daskdiff import Box, PhotoCalib, VisitInfo, load, make_exposure
