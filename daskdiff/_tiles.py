@@ -103,9 +103,10 @@ def tilewise3(func: Any, groups: list[list[da.Array]], dtypes: tuple[Any, Any, A
     Parameters
     ----------
     func : callable
-        ``func(*tiles, indices=, location=, **kwargs) -> (a, b, c)``: ``tiles`` are the tiles of
-        the selected groups' arrays, in order; ``indices`` the selected group numbers;
-        ``location`` the tile's ``(row, column)`` offset in the output array.
+        ``func(*tiles, indices=, location=, shape=, **kwargs) -> (a, b, c)``: ``tiles`` are
+        the tiles of the selected groups' arrays, in order; ``indices`` the selected group
+        numbers; ``location`` the tile's ``(row, column)`` offset in the output array and
+        ``shape`` its shape.
     groups : list of list of dask.array.Array
         Input groups (e.g. the planes of one exposure); all arrays have identical chunks.
     dtypes : tuple
@@ -130,7 +131,8 @@ def tilewise3(func: Any, groups: list[list[da.Array]], dtypes: tuple[Any, Any, A
         for j in range(nx):
             chosen = list(range(len(groups))) if select is None else list(select(i, j))
             call = partial(func, indices=chosen,
-                           location=(int(row_starts[i]), int(col_starts[j])), **kwargs)
+                           location=(int(row_starts[i]), int(col_starts[j])),
+                           shape=(first.chunks[0][i], first.chunks[1][j]), **kwargs)
             keys = [(a.name, i, j) for k in chosen for a in groups[k]]
             dsk[(merged_name, i, j)] = (call, *keys)
     holder = da.Array(HighLevelGraph.from_collections(merged_name, dsk, dependencies=arrays),

@@ -206,18 +206,6 @@ def _merge_block(*blocks: np.ndarray, indices: list[int], location: tuple[int, i
     return image, variance, mask
 
 
-def _merge_tile(*blocks: np.ndarray, indices: list[int], location: tuple[int, int],
-                no_data: int, owner: OwnerMap | None, chunks: tuple[tuple[int, ...], ...]
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    row_starts = np.cumsum((0, *chunks[0]))
-    col_starts = np.cumsum((0, *chunks[1]))
-    i = int(np.searchsorted(row_starts, location[0]))
-    j = int(np.searchsorted(col_starts, location[1]))
-    shape = (chunks[0][i], chunks[1][j])
-    return _merge_block(*blocks, indices=indices, location=location, no_data=no_data,
-                        owner=owner, shape=shape)
-
-
 def merge_exposures(exposures: Sequence[xr.Dataset], box: Box, *,
                     tile_size: int = DEFAULT_TILE_SIZE,
                     owner: OwnerMap | None = None) -> xr.Dataset:
@@ -267,9 +255,8 @@ def merge_exposures(exposures: Sequence[xr.Dataset], box: Box, *,
             chosen = owned or chosen
         return chosen
 
-    image, variance, mask = tilewise3(_merge_tile, groups, (np.float32, np.float32, np.uint32),
-                                      select=select, no_data=int(no_data), owner=owner,
-                                      chunks=chunks)
+    image, variance, mask = tilewise3(_merge_block, groups, (np.float32, np.float32, np.uint32),
+                                      select=select, no_data=int(no_data), owner=owner)
     first = exposures[0]
     return make_exposure(image, variance=variance, mask=mask, x0=box.x0, y0=box.y0,
                          wcs=first.attrs.get("wcs"), psf=get_psf(first),
