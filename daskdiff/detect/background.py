@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import InputError
+from ._compiled import bin_stats, clipped_bin_means, interpolate_grid
 
 __all__ = ["estimate_background"]
 
@@ -21,11 +22,6 @@ __all__ = ["estimate_background"]
 def _edges(n: int, bin_size: int) -> np.ndarray:
     n_bins = max(1, round(n / bin_size))
     return np.linspace(0, n, n_bins + 1).round().astype(int)
-
-
-def _bin_sums(values: np.ndarray, y_edges: np.ndarray, x_edges: np.ndarray) -> np.ndarray:
-    rows = np.add.reduceat(values, x_edges[:-1], axis=1)
-    return np.add.reduceat(rows, y_edges[:-1], axis=0)
 
 
 def _axis_weights(n: int, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,23 +63,15 @@ def estimate_background(image: np.ndarray, ignore: np.ndarray, *, bin_size: int,
     if not good.any():
         return np.zeros(image.shape, np.float32)
     y_edges, x_edges = _edges(ny, bin_size), _edges(nx, bin_size)
-    data = np.where(good, image, 0).astype(np.float64)
-    weight = good.astype(np.float64)
-    count = _bin_sums(weight, y_edges, x_edges)
-    total = _bin_sums(data, y_edges, x_edges)
-    square = _bin_sums(data * data, y_edges, x_edges)
+    row_bin = np.repeat(np.arange(y_edges.size - 1), np.diff(y_edges))
+    values = np.ascontiguousarray(image, dtype=np.float32)
+    good = np.ascontiguousarray(good)
+    count, total, square = bin_stats(values, good, row_bin, x_edges)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = total / count
         std = np.sqrt(np.maximum(square / count - mean * mean, 0))
     # one 3-sigma clip around each cell's mean
-    dy, dx = np.diff(y_edges), np.diff(x_edges)
-    full_mean = np.repeat(np.repeat(mean.astype(np.float32), dy, axis=0), dx, axis=1)
-    full_std = np.repeat(np.repeat(std.astype(np.float32), dy, axis=0), dx, axis=1)
-    keep = good & (np.abs(image - full_mean) <= 3.0 * full_std)
-    data = np.where(keep, data, 0)
-    count = _bin_sums(keep.astype(np.float64), y_edges, x_edges)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        grid = _bin_sums(data, y_edges, x_edges) / count
+    count, grid = clipped_bin_means(values, good, row_bin, x_edges, mean, std, 3.0)
     empty = ~(count > 0)
     if empty.all():
         return np.zeros(image.shape, np.float32)
@@ -94,12 +82,4 @@ def estimate_background(image: np.ndarray, ignore: np.ndarray, *, bin_size: int,
         grid = ndimage.median_filter(grid, size=filter_size, mode="nearest")
     iy, wy = _axis_weights(ny, y_edges)
     ix, wx = _axis_weights(nx, x_edges)
-    if grid.shape[1] > 1:
-        rows = grid[:, ix] * (1 - wx) + grid[:, ix + 1] * wx
-    else:
-        rows = np.repeat(grid, nx, axis=1)
-    if grid.shape[0] > 1:
-        out = rows[iy] * (1 - wy)[:, None] + rows[iy + 1] * wy[:, None]
-    else:
-        out = np.repeat(rows, ny, axis=0)
-    return out.astype(np.float32)
+    return interpolate_grid(np.ascontiguousarray(grid, dtype=np.float64), iy, wy, ix, wx)

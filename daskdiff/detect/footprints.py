@@ -12,7 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse import csgraph
+
+from ._compiled import dilate_disk
+from .tiles import assemble, map_tiles, tile_slices
 
 __all__ = [
     "Footprint",
@@ -20,6 +24,7 @@ __all__ = [
     "disk",
     "footprint_spans",
     "grow_mask",
+    "label_tiles",
     "place_sky_sources",
 ]
 
@@ -83,19 +88,108 @@ def disk(radius: int) -> np.ndarray:
 
 
 def grow_mask(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Dilate each connected region of ``mask`` by a disk, working only in its box."""
+    """Dilate ``mask`` by the disk of integer ``radius`` (zero outside the image)."""
+    mask = np.ascontiguousarray(mask, dtype=bool)
     if radius <= 0 or not mask.any():
         return mask.copy()
-    labels, _ = ndimage.label(mask, structure=_CONNECT)
-    grown = mask.copy()
-    element = disk(radius)
-    ny, nx = mask.shape
-    for sl in ndimage.find_objects(labels):
-        y0, y1 = max(sl[0].start - radius, 0), min(sl[0].stop + radius, ny)
-        x0, x1 = max(sl[1].start - radius, 0), min(sl[1].stop + radius, nx)
-        local = mask[y0:y1, x0:x1]
-        grown[y0:y1, x0:x1] |= ndimage.binary_dilation(local, structure=element)
-    return grown
+    return dilate_disk(mask, int(radius))
+
+
+def _tile_footprints(sig: np.ndarray, *, crop: tuple[slice, slice], offset: tuple[int, int],
+                     shape: tuple[int, int], threshold: float, grow: int, edge: int,
+                     merge: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Grown footprints of one tile (its window holds a halo of ``grow``) and local labels.
+
+    Returns the tile's positive and negative masks, its labels (8-connected, 1..n within the
+    tile) and the sign of each label (+1 positive or merged, -1 negative-only when not
+    merging).
+    """
+    rows = np.arange(offset[0], offset[0] + sig.shape[0])
+    cols = np.arange(offset[1], offset[1] + sig.shape[1])
+    inner = (((rows >= edge) & (rows < shape[0] - edge))[:, None]
+             & ((cols >= edge) & (cols < shape[1] - edge))[None, :])
+    positive = grow_mask(inner & (sig >= threshold), grow)[crop]
+    negative = grow_mask(inner & (sig <= -threshold), grow)[crop]
+    if merge:
+        labels, n = ndimage.label(positive | negative, structure=_CONNECT)
+        kinds = np.ones(n, np.int8)
+    else:
+        pos_labels, n_pos = ndimage.label(positive, structure=_CONNECT)
+        neg_labels, n_neg = ndimage.label(negative & ~positive, structure=_CONNECT)
+        labels = np.where(neg_labels > 0, neg_labels + n_pos, pos_labels)
+        kinds = np.concatenate([np.ones(n_pos, np.int8), -np.ones(n_neg, np.int8)])
+    return positive, negative, labels.astype(np.int32, copy=False), kinds
+
+
+def _seam_pairs(labels: np.ndarray, tiles: list[tuple[slice, slice]]) -> np.ndarray:
+    """Pairs of labels of 8-connected pixels on the two sides of every tile seam."""
+    row_seams = sorted({t[0].start for t in tiles} - {0})
+    col_seams = sorted({t[1].start for t in tiles} - {0})
+    pairs = []
+    for c in col_seams:
+        left, right = labels[:, c - 1], labels[:, c]
+        pairs += [np.stack([left, right], 1), np.stack([left[:-1], right[1:]], 1),
+                  np.stack([left[1:], right[:-1]], 1)]
+    for r in row_seams:
+        top, bottom = labels[r - 1], labels[r]
+        pairs += [np.stack([top, bottom], 1), np.stack([top[:-1], bottom[1:]], 1),
+                  np.stack([top[1:], bottom[:-1]], 1)]
+    if not pairs:
+        return np.zeros((0, 2), np.int64)
+    both = np.concatenate(pairs)
+    return both[(both[:, 0] > 0) & (both[:, 1] > 0)].astype(np.int64)
+
+
+def label_tiles(sig: np.ndarray, tiles: list[tuple[slice, slice]], *, threshold: float,
+                grow: int, edge: int, merge: bool = True
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Threshold, grow and label a significance image tile by tile, stitching the seams.
+
+    Each tile is thresholded and grown with a halo of ``grow`` pixels (so its masks are
+    exact) and labelled on its own; labels of 8-connected pixels on the two sides of a seam
+    (corners included) are joined, so a footprint crossing tiles gets one label, the same
+    pixels as labelling the whole image.
+
+    Returns
+    -------
+    labels : numpy.ndarray of int32
+        Footprint label of every pixel (0 for none), numbered 1..n in raster order of the
+        footprints' first pixels (independent of the tiling).
+    positive, negative : numpy.ndarray of bool
+        The grown positive and negative footprints.
+    n : int
+        Number of footprints.
+    """
+    shape = sig.shape
+    parts = map_tiles(_tile_footprints, [sig], tiles, halo=grow, shape=shape,
+                       threshold=threshold, grow=grow, edge=edge, merge=merge)
+    positive = assemble(shape, bool, tiles, [p[0] for p in parts])
+    negative = assemble(shape, bool, tiles, [p[1] for p in parts])
+    counts = [int(p[3].size) for p in parts]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    total = int(offsets[-1])
+    if len(tiles) == 1:
+        return parts[0][2], positive, negative, total
+    labels = assemble(shape, np.int32, tiles, [np.where(p[2] > 0, p[2] + np.int32(off), 0)
+                                                  for p, off in zip(parts, offsets, strict=False)])
+    kinds = np.concatenate([np.zeros(1, np.int8), *(p[3] for p in parts)])
+    pairs = _seam_pairs(labels, tiles)
+    pairs = pairs[kinds[pairs[:, 0]] == kinds[pairs[:, 1]]]
+    graph = sparse.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
+                              shape=(total + 1, total + 1))
+    _, component = csgraph.connected_components(graph, directed=False)
+    # renumber the components in raster order of their first pixel
+    flat = labels.ravel()
+    where = np.flatnonzero(flat)
+    first_comp = component[flat[where]]
+    _, first_index = np.unique(first_comp, return_index=True)
+    order = np.argsort(where[first_index], kind="stable")
+    comps = np.unique(first_comp)[order]
+    lut_comp = np.zeros(component.max() + 1, np.int32)
+    lut_comp[comps] = np.arange(1, comps.size + 1, dtype=np.int32)
+    lut = lut_comp[component]
+    lut[0] = 0
+    return lut[labels], positive, negative, int(comps.size)
 
 
 def _peaks(labels: np.ndarray, slices: list, sig: np.ndarray, select: np.ndarray,
@@ -122,7 +216,8 @@ def _peaks(labels: np.ndarray, slices: list, sig: np.ndarray, select: np.ndarray
 
 
 def detect_footprints(sig: np.ndarray, *, threshold: float, grow: int, edge: int,
-                      merge: bool = True, peak_radius: int = 3
+                      merge: bool = True, peak_radius: int = 3,
+                      tiles: list[tuple[slice, slice]] | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Footprint]]:
     """Threshold a significance image into grown, merged footprints with peaks.
 
@@ -143,6 +238,9 @@ def detect_footprints(sig: np.ndarray, *, threshold: float, grow: int, edge: int
     peak_radius : int, optional
         A peak is the most significant detected pixel within this radius (a square window);
         a footprint may hold several peaks of each sign.
+    tiles : list of (slice, slice), optional
+        Tiling of the thresholding and labelling (see :func:`label_tiles`); the whole image
+        if omitted. The result does not depend on it.
 
     Returns
     -------
@@ -153,23 +251,17 @@ def detect_footprints(sig: np.ndarray, *, threshold: float, grow: int, edge: int
     footprints : list of Footprint
         One per label, in label order.
     """
+    tiles = tiles if tiles is not None else tile_slices(sig.shape)
+    labels, positive, negative, n = label_tiles(sig, tiles, threshold=threshold, grow=grow,
+                                                edge=edge, merge=merge)
     inner = np.zeros(sig.shape, bool)
     if sig.shape[0] > 2 * edge and sig.shape[1] > 2 * edge:
         inner[edge:sig.shape[0] - edge, edge:sig.shape[1] - edge] = True
     above = inner & (sig >= threshold)
     below = inner & (sig <= -threshold)
-    positive = grow_mask(above, grow)
-    negative = grow_mask(below, grow)
-    if merge:
-        labels, n = ndimage.label(positive | negative, structure=_CONNECT)
-    else:
-        pos_labels, n_pos = ndimage.label(positive, structure=_CONNECT)
-        neg_labels, n_neg = ndimage.label(negative & ~positive, structure=_CONNECT)
-        labels = np.where(neg_labels > 0, neg_labels + n_pos, pos_labels)
-        n = n_pos + n_neg
-        above = above & (pos_labels > 0)
-        below = below & (neg_labels > 0)
-    labels = labels.astype(np.int32)
+    if not merge:
+        below &= ~positive
+    labels = labels.astype(np.int32, copy=False)
     slices = ndimage.find_objects(labels, max_label=n)
     pos_peaks = _peaks(labels, slices, sig, above, 1.0, peak_radius)
     neg_peaks = _peaks(labels, slices, sig, below, -1.0, peak_radius)

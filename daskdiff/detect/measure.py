@@ -13,12 +13,14 @@ import numpy as np
 import sep
 
 from ..box import Box
-from ..psf.measure import adaptive_shape
+from ..psf.base import stamp_box
+from ._compiled import adaptive_moments
 
 __all__ = [
     "Centroid",
     "Planes",
     "PsfFlux",
+    "PsfImages",
     "aperture_fluxes",
     "gaussian_centroid",
     "mask_flags",
@@ -148,7 +150,37 @@ def gaussian_centroid(planes: Planes, x: float, y: float, *, sigma: float, sign:
     return Centroid(cx, cy, ex, ey, False)
 
 
-def psf_flux(planes: Planes, psf: Any, x: float, y: float, *, bad_bits: int = 0) -> PsfFlux:
+class PsfImages:
+    """PSF model images (:meth:`~daskdiff.psf.Psf.image`) drawn once per model and position.
+
+    For a model that does not vary across the image (``is_varying`` false) the image depends
+    only on the sub-pixel offset of the position, so positions with the same offset (all the
+    integer positions of sky sources, say) share one drawing.
+    """
+
+    def __init__(self) -> None:
+        self._images: dict[tuple[int, float, float], np.ndarray] = {}
+
+    def image(self, psf: Any, x: float, y: float) -> tuple[np.ndarray, Box]:
+        """Return the model image centred on ``(x, y)`` and its parent-frame box."""
+        x, y = float(x), float(y)
+        if getattr(psf, "is_varying", True) is False:
+            size = psf.default_size()
+            box = stamp_box(x, y, size)
+            key = (id(psf), x - (box.x0 + size // 2), y - (box.y0 + size // 2))
+            if key not in self._images:
+                self._images[key] = psf.image(x, y)[0]
+            return self._images[key], box
+        key = (id(psf), x, y)
+        if key not in self._images:
+            self._images[key], box = psf.image(x, y)
+        else:
+            box = stamp_box(x, y, self._images[key].shape[0])
+        return self._images[key], box
+
+
+def psf_flux(planes: Planes, psf: Any, x: float, y: float, *, bad_bits: int = 0,
+             images: PsfImages | None = None) -> PsfFlux:
     """Return the PSF flux at a fixed position.
 
     The flux is the unweighted linear fit of the PSF model image ``P`` (centred at ``(x, y)``,
@@ -165,6 +197,8 @@ def psf_flux(planes: Planes, psf: Any, x: float, y: float, *, bad_bits: int = 0)
         Position (parent frame).
     bad_bits : int, optional
         Mask bits of pixels to leave out (NO_DATA, ...).
+    images : PsfImages, optional
+        A cache of model images shared by several calls.
 
     Returns
     -------
@@ -172,7 +206,7 @@ def psf_flux(planes: Planes, psf: Any, x: float, y: float, *, bad_bits: int = 0)
         NaN flux and ``flag`` when no good pixel is covered; ``flag_edge`` when the model
         stamp is clipped by the image edge or by bad pixels.
     """
-    model, box = psf.image(float(x), float(y))
+    model, box = (images or PsfImages()).image(psf, x, y)
     overlap, sl = planes.window(box)
     nan = float("nan")
     if overlap.is_empty:
@@ -250,14 +284,10 @@ def second_moments(planes: Planes, x: float, y: float, *, sigma: float, sign: fl
     if bad_bits:
         good &= (planes.mask[sl] & bad_bits) == 0
     stamp = np.where(good, stamp, 0.0)
-    try:
-        result = adaptive_shape(stamp, guess_sigma=sigma, max_iter=50, tol=1e-5)
-    except Exception:  # any non-convergence is a measurement flag
+    ixx, iyy, ixy, converged = adaptive_moments(stamp, float(sigma), 50, 1e-5)
+    if not converged or not np.isfinite(ixx + iyy + ixy) or ixx <= 0 or iyy <= 0:
         return nan, nan, nan, True
-    values = (result.ixx, result.iyy, result.ixy)
-    if not all(np.isfinite(values)) or result.ixx <= 0 or result.iyy <= 0:
-        return nan, nan, nan, True
-    return float(result.ixx), float(result.iyy), float(result.ixy), False
+    return float(ixx), float(iyy), float(ixy), False
 
 
 def mask_flags(mask: np.ndarray, footprint: np.ndarray, center: np.ndarray,

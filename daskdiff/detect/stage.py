@@ -9,9 +9,13 @@ The steps follow LSST's DetectAndMeasureTask (``reference/lsst_diffim.md`` §3.1
    subtract it;
 3. mask cosmic rays (CR plane; pixels only, no interpolation);
 4. detect positive and negative footprints at ``threshold`` sigma per pixel of the PSF-smoothed
-   difference using its variance (tile-parallel with dask input), set EDGE where the smoothing
-   kernel does not fit, grow footprints by ``n_sigma_to_grow`` PSF sigmas and merge
-   overlapping ones (a footprint with both signs is a dipole candidate);
+   difference using its variance, set EDGE where the smoothing kernel does not fit, grow
+   footprints by ``n_sigma_to_grow`` PSF sigmas and merge overlapping ones (a footprint with
+   both signs is a dipole candidate). This runs tile by tile (the chunks of a dask difference,
+   or ``tile_size``): the significance with a halo of the kernel half-width, thresholding and
+   growth with a halo of the growth radius, labelling per tile with the labels of pixels
+   touching across a seam joined afterwards, so a footprint crossing tiles is found once and
+   the catalog is the same for any tiling;
 5. drop detections with a peak on NO_DATA, BAD, SAT or EDGE; add sky sources;
 6. measure every source (centroid, PSF flux, aperture fluxes, adaptive moments, the dipole fit,
    pixel flags, forced PSF fluxes on the science image and the matched template, RA/Dec) and
@@ -47,6 +51,7 @@ from ..exposure import (
 )
 from ..masks import MaskPlanes
 from ..wcs import pixel_to_sky
+from ._compiled import prepare_planes
 from .background import estimate_background
 from .config import BAD_PEAK_PLANES, PIXEL_FLAG_PLANES, DetectAndMeasureConfig
 from .dipole import DipoleResult, fit_dipole
@@ -60,6 +65,7 @@ from .footprints import (
 )
 from .measure import (
     Planes,
+    PsfImages,
     aperture_fluxes,
     gaussian_centroid,
     mask_flags,
@@ -67,7 +73,8 @@ from .measure import (
     second_moments,
 )
 from .schema import aperture_column, make_table
-from .threshold import find_cosmic_rays, significance
+from .threshold import find_cosmic_rays, significance_tiles
+from .tiles import tile_slices
 
 __all__ = ["DetectionResult", "detect_and_measure", "make_source_id", "run_detect_and_measure"]
 
@@ -159,14 +166,15 @@ def _planes(exposure: xr.Dataset | None) -> Planes | None:
                   np.asarray(exposure["mask"].data, np.uint32), box.x0, box.y0)
 
 
-def _significance(image: np.ndarray, variance: np.ndarray, chunks: Any, *, sigma: float,
-                  width: float) -> tuple[np.ndarray, int]:
-    if chunks is None:
-        return significance(image, variance, sigma=sigma, width_sigma=width)  # type: ignore
-    lazy, edge = significance(da.from_array(image, chunks=chunks),
-                              da.from_array(variance, chunks=chunks), sigma=sigma,
-                              width_sigma=width)
-    return np.asarray(lazy.compute()), edge
+def _set_border(mask: np.ndarray, edge: int, bit: np.uint32) -> None:
+    """OR ``bit`` into the pixels within ``edge`` of the border (everything if too small)."""
+    ny, nx = mask.shape
+    if ny <= 2 * edge or nx <= 2 * edge:
+        mask |= bit
+        return
+    for part in (mask[:edge], mask[ny - edge:], mask[edge:ny - edge, :edge],
+                 mask[edge:ny - edge, nx - edge:]):
+        part |= bit
 
 
 def run_detect_and_measure(science: xr.Dataset | None, matched: xr.Dataset | None,
@@ -211,36 +219,37 @@ def run_detect_and_measure(science: xr.Dataset | None, matched: xr.Dataset | Non
     planes_registry = get_mask_planes(difference).with_planes(
         *(p for p in ("DETECTED", "DETECTED_NEGATIVE", "EDGE", "CR") if p not in
           get_mask_planes(difference)))
-    chunks = None
+    chunks: Any = None
     if isinstance(difference["image"].data, da.Array):
         chunks = difference["image"].data.chunks
     if config.tile_size is not None:
         chunks = (config.tile_size, config.tile_size)
     diff = _planes(difference)
     assert diff is not None
-    image = diff.image.copy()
+    tiles = tile_slices(diff.image.shape, chunks)
     variance = diff.variance
-    mask = diff.mask & ~np.uint32(_bits(planes_registry, "DETECTED", "DETECTED_NEGATIVE"))
-    unusable = (mask & _bits(planes_registry, "NO_DATA", "BAD")) != 0
-    unusable |= ~np.isfinite(image) | ~np.isfinite(variance) | (variance <= 0)
+    image, mask, unusable, ignore = prepare_planes(
+        diff.image, variance, diff.mask, _bits(planes_registry, "DETECTED", "DETECTED_NEGATIVE"),
+        _bits(planes_registry, "NO_DATA", "BAD"), _bits(planes_registry, *BACKGROUND_IGNORE))
     if unusable.all():
         raise NoWorkError(f"the difference ({box}) has no usable pixel: every pixel is "
                           "NO_DATA, BAD, non-finite or has no positive variance")
-    image[~np.isfinite(image)] = 0.0
     width = config.smoothing_width_sigma
     grow = int(config.n_sigma_to_grow * sigma + 0.5)
 
     background = np.zeros(image.shape, np.float32)
+    smooth_var = None
     if config.do_subtract_background:
-        ignore = unusable | ((mask & _bits(planes_registry, *BACKGROUND_IGNORE)) != 0)
         first = estimate_background(image, ignore, bin_size=config.background_bin_first)
-        sig1, _ = _significance(image - first, variance, None, sigma=sigma, width=width)
+        sig1, smooth_var, _ = significance_tiles(image - first, variance, tiles, sigma=sigma,
+                                                 width_sigma=width)
         detected = grow_mask(np.abs(sig1) >= config.threshold, grow)
-        background = estimate_background(image, ignore | detected,
-                                         bin_size=config.background_bin)
+        del sig1, first
+        ignore |= detected
+        background = estimate_background(image, ignore, bin_size=config.background_bin)
         image -= background
 
-    bits = {name: _bits(planes_registry, name) for name in
+    bits = {name: np.uint32(_bits(planes_registry, name)) for name in
             ("DETECTED", "DETECTED_NEGATIVE", "EDGE", "CR")}
     if config.do_find_cosmic_rays:
         crs = find_cosmic_rays(image, variance, ~unusable, psf_sigma=sigma,
@@ -251,18 +260,16 @@ def run_detect_and_measure(science: xr.Dataset | None, matched: xr.Dataset | Non
                                  f"max_cosmic_ray_fraction={config.max_cosmic_ray_fraction}; "
                                  "the difference is probably bad",
                                  metadata={"n_cosmic_ray_pixels": n_cr})
-        mask = np.where(crs, mask | np.uint32(bits["CR"]), mask)
+        np.bitwise_or(mask, bits["CR"], out=mask, where=crs)
 
-    sig, edge = _significance(image, variance, chunks, sigma=sigma, width=width)
-    border = np.ones(image.shape, bool)
-    if image.shape[0] > 2 * edge and image.shape[1] > 2 * edge:
-        border[edge:image.shape[0] - edge, edge:image.shape[1] - edge] = False
-    mask = np.where(border, mask | np.uint32(bits["EDGE"]), mask)
+    sig, _, edge = significance_tiles(image, variance, tiles, sigma=sigma, width_sigma=width,
+                                      smooth_var=smooth_var)
+    _set_border(mask, edge, bits["EDGE"])
     labels, positive, negative, footprints = detect_footprints(
         sig, threshold=config.threshold, grow=grow, edge=edge, merge=config.do_merge,
-        peak_radius=max(2, int(np.ceil(1.5 * sigma))))
-    mask = np.where(positive, mask | np.uint32(bits["DETECTED"]), mask)
-    mask = np.where(negative, mask | np.uint32(bits["DETECTED_NEGATIVE"]), mask)
+        peak_radius=max(2, int(np.ceil(1.5 * sigma))), tiles=tiles)
+    np.bitwise_or(mask, bits["DETECTED"], out=mask, where=positive)
+    np.bitwise_or(mask, bits["DETECTED_NEGATIVE"], out=mask, where=negative)
 
     sources = _sources(footprints,
                        pair_distance=2 * config.dipole_max_separation * sigma)
@@ -287,7 +294,7 @@ def run_detect_and_measure(science: xr.Dataset | None, matched: xr.Dataset | Non
                        matched=_planes(matched), psf=psf, sigma=sigma,
                        science_psf=get_psf(science) if science is not None else None,
                        matched_psf=get_psf(matched) if matched is not None else None,
-                       registry=planes_registry, labels=labels)
+                       registry=planes_registry, labels=labels, images=PsfImages())
     rows = [_measure_source(context, src) for src in
             sorted(sources, key=lambda s: (s.primary[0], s.primary[1]))]
     rows += [_measure_sky(context, y, x) for y, x in sky]
@@ -295,10 +302,9 @@ def run_detect_and_measure(science: xr.Dataset | None, matched: xr.Dataset | Non
     _finish_rows(rows, difference, visit_info, config)
     catalog = make_table(rows, aperture_radii=config.aperture_radii)
 
-    no_data = _bits(planes_registry, "NO_DATA")
-    final_image = np.where((mask & no_data) != 0, np.float32(0), image)
+    image[(mask & np.uint32(_bits(planes_registry, "NO_DATA"))) != 0] = 0.0
     result_exposure = make_exposure(
-        final_image, variance=variance, mask=mask, x0=diff.x0, y0=diff.y0, chunks=None,
+        image, variance=variance, mask=mask, x0=diff.x0, y0=diff.y0, chunks=None,
         wcs=get_wcs(difference), psf=psf, photo_calib=get_photo_calib(difference),
         visit_info=get_visit_info(difference), mask_planes=planes_registry)
     return DetectionResult(catalog, result_exposure, background)
@@ -328,6 +334,7 @@ class _Context:
     matched_psf: Any
     registry: MaskPlanes
     labels: np.ndarray
+    images: PsfImages
 
     @property
     def bad_bits(self) -> int:
@@ -343,7 +350,7 @@ def _forced(ctx: _Context, row: dict[str, Any], x: float, y: float) -> None:
         if planes is None or not ctx.config.do_forced_measurement:
             row[f"{prefix}_flag"] = True
             continue
-        result = psf_flux(planes, psf if psf is not None else ctx.psf, x, y,
+        result = psf_flux(planes, psf if psf is not None else ctx.psf, x, y, images=ctx.images,
                           bad_bits=ctx.bad_bits)
         row[prefix] = result.flux
         row[f"{prefix}_err"] = result.flux_err
@@ -356,7 +363,7 @@ def _forced(ctx: _Context, row: dict[str, Any], x: float, y: float) -> None:
 def _common(ctx: _Context, row: dict[str, Any], x: float, y: float, sign: float,
             footprint: np.ndarray, fbox: Box) -> None:
     diff = ctx.diff
-    flux = psf_flux(diff, ctx.psf, x, y, bad_bits=ctx.bad_bits)
+    flux = psf_flux(diff, ctx.psf, x, y, bad_bits=ctx.bad_bits, images=ctx.images)
     row.update(psf_flux=flux.flux, psf_flux_err=flux.flux_err, psf_flux_area=flux.area,
                psf_flux_chi2=flux.chi2, psf_flux_npixels=flux.npixels,
                psf_flux_flag=flux.flag, psf_flux_flag_edge=flux.flag_edge)

@@ -5,17 +5,20 @@ determinant radius; its variance is ``V * g**2`` (convolution with the squared k
 significance is ``(D * g) / sqrt(V * g**2)`` (LSST's ``pixel_stdev`` threshold on the smoothed
 image). For a point source of the PSF's size this is its matched-filter signal-to-noise. The
 border where the kernel does not fit is EDGE. Each output pixel depends only on the pixels within
-the kernel half-width, so :func:`significance` with dask inputs runs per tile with
-``map_overlap`` (halo = that half-width) and gives bit-identical values for any chunking.
+the kernel half-width, so :func:`significance_tiles` (per tile of a tiling, halo = that
+half-width) and :func:`significance` with dask inputs (``map_overlap``) give bit-identical values
+for any tiling. The inner loops are compiled (:mod:`._compiled`).
 """
 
 from __future__ import annotations
 
 import dask.array as da
 import numpy as np
-from scipy import ndimage
 
-__all__ = ["find_cosmic_rays", "smoothing_kernel", "significance"]
+from ._compiled import cosmic_ray_pixels, significance_map, smoothed_variance
+from .tiles import Tile, assemble, map_tiles
+
+__all__ = ["find_cosmic_rays", "significance", "significance_tiles", "smoothing_kernel"]
 
 
 def smoothing_kernel(sigma: float, *, width_sigma: float = 7.0) -> np.ndarray:
@@ -31,21 +34,13 @@ def smoothing_kernel(sigma: float, *, width_sigma: float = 7.0) -> np.ndarray:
     return kernel / kernel.sum()
 
 
-def _separable(plane: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    out = ndimage.correlate1d(plane, kernel, axis=0, mode="constant", cval=0.0)
-    return ndimage.correlate1d(out, kernel, axis=1, mode="constant", cval=0.0)
-
-
 def _significance_block(image: np.ndarray, variance: np.ndarray, *,
                         kernel: np.ndarray) -> np.ndarray:
-    good = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
-    image = np.where(good, image, 0).astype(np.float32)
-    variance = np.where(good, variance, 0).astype(np.float32)
-    smooth = _separable(image, kernel)
-    smooth_var = _separable(variance, kernel * kernel)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sig = np.where(smooth_var > 0, smooth / np.sqrt(smooth_var), 0.0)
-    return sig.astype(np.float32)
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    variance = np.ascontiguousarray(variance, dtype=np.float32)
+    kernel = kernel.astype(np.float32)
+    smooth_var = smoothed_variance(variance, kernel)
+    return significance_map(image, variance, smooth_var, kernel)
 
 
 def significance(image: np.ndarray | da.Array, variance: np.ndarray | da.Array, *,
@@ -86,6 +81,47 @@ def significance(image: np.ndarray | da.Array, variance: np.ndarray | da.Array, 
     return _significance_block(np.asarray(image), np.asarray(variance), kernel=kernel), half
 
 
+def _tile_smoothed_variance(variance: np.ndarray, *, crop: Tile, offset: tuple[int, int],
+                            kernel: np.ndarray) -> np.ndarray:
+    return smoothed_variance(variance, kernel)[crop]
+
+
+def _tile_significance(image: np.ndarray, variance: np.ndarray, smooth_var: np.ndarray, *,
+                       crop: Tile, offset: tuple[int, int], kernel: np.ndarray) -> np.ndarray:
+    return significance_map(image, variance, smooth_var, kernel)[crop]
+
+
+def significance_tiles(image: np.ndarray, variance: np.ndarray, tiles: list[Tile], *,
+                       sigma: float, width_sigma: float = 7.0,
+                       smooth_var: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Return the significance image computed tile by tile, the smoothed variance and EDGE.
+
+    Each tile is computed with a halo of the kernel half-width, so the result is the same
+    for any tiling. ``smooth_var`` (from an earlier call with the same variance and sigma)
+    skips smoothing the variance again.
+
+    Returns
+    -------
+    significance : numpy.ndarray
+        float32 signal-to-noise per pixel.
+    smooth_var : numpy.ndarray
+        float32 variance of the smoothed image (reusable).
+    edge : int
+        Half-width of the kernel.
+    """
+    kernel = smoothing_kernel(sigma, width_sigma=width_sigma).astype(np.float32)
+    half = kernel.size // 2
+    image = np.asarray(image, np.float32)
+    variance = np.asarray(variance, np.float32)
+    if smooth_var is None:
+        smooth_var = assemble(image.shape, np.float32, tiles, map_tiles(
+            _tile_smoothed_variance, [variance], tiles, halo=half, kernel=kernel))
+    sig = assemble(image.shape, np.float32, tiles, map_tiles(
+        _tile_significance, [image, variance, smooth_var], tiles, halo=half, kernel=kernel))
+    return sig, smooth_var, half
+
+
 def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, usable: np.ndarray, *,
                      psf_sigma: float, min_sigma: float = 6.0,
                      cond3_fac: float = 2.5) -> np.ndarray:
@@ -116,24 +152,9 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, usable: np.ndarray
     numpy.ndarray of bool
         The cosmic-ray pixels.
     """
-    ny, nx = image.shape
-    result = np.zeros((ny, nx), bool)
-    sigma_map = np.sqrt(np.clip(variance, 0, None))
-    candidate = usable & np.isfinite(image) & (image > min_sigma * sigma_map)
-    candidate[0, :] = candidate[-1, :] = candidate[:, 0] = candidate[:, -1] = False
-    ys, xs = np.nonzero(candidate)
-    if ys.size == 0:
-        return result
-    value = image[ys, xs] - cond3_fac * sigma_map[ys, xs]
-    ratio_axis = np.exp(-0.5 / psf_sigma**2)
-    ratio_diag = np.exp(-1.0 / psf_sigma**2)
-    sharp = np.zeros(ys.size, bool)
-    for dy, dx, ratio in ((0, 1, ratio_axis), (1, 0, ratio_axis), (1, 1, ratio_diag),
-                          (1, -1, ratio_diag)):
-        a = image[ys + dy, xs + dx]
-        b = image[ys - dy, xs - dx]
-        noise = 0.5 * np.sqrt(variance[ys + dy, xs + dx] + variance[ys - dy, xs - dx])
-        neighbours = 0.5 * (a + b) + cond3_fac * noise
-        sharp |= neighbours < ratio * value
-    result[ys[sharp], xs[sharp]] = True
-    return result
+    ratio_axis = float(np.exp(-0.5 / psf_sigma**2))
+    ratio_diag = float(np.exp(-1.0 / psf_sigma**2))
+    return cosmic_ray_pixels(np.ascontiguousarray(image, dtype=np.float32),
+                             np.ascontiguousarray(variance, dtype=np.float32),
+                             np.ascontiguousarray(usable, dtype=bool), float(min_sigma),
+                             float(cond3_fac), ratio_axis, ratio_diag)

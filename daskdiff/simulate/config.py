@@ -113,6 +113,10 @@ class SimulationConfig:
         Bad columns per detector.
     cosmic_rays_per_megapixel : float
         Cosmic-ray hits per million pixels per exposure.
+    repair_cosmic_rays : bool
+        Interpolate over the cosmic-ray pixels of the calexps and flag them INTRP (keeping CR),
+        as LSST's single-frame processing does before difference imaging. Off gives the raw
+        hits, flagged CR only.
     edge_width : int
         Width of the EDGE-masked frame of every detector (pixels).
     coadd_seeing_arcsec : float
@@ -171,6 +175,7 @@ class SimulationConfig:
     transient_mag_range: tuple[float, float] = _range(19.0, 22.0)
     bad_columns: int = 2
     cosmic_rays_per_megapixel: float = 20.0
+    repair_cosmic_rays: bool = True
     edge_width: int = 10
     coadd_seeing_arcsec: float = 0.6
     coadd_depth_factor: float = 8.0

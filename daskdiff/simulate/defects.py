@@ -8,11 +8,13 @@ generator it is given, so the defects of an exposure depend only on the seed.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from ..masks import MaskPlanes
 
 __all__ = [
     "add_cosmic_rays",
+    "repair_cosmic_rays",
     "apply_bad_columns",
     "apply_saturation",
     "bad_columns",
@@ -123,6 +125,47 @@ def add_cosmic_rays(image: np.ndarray, mask: np.ndarray, *, rate_per_megapixel: 
         ys = np.clip(np.floor(y0 + t * np.sin(angle)).astype(int), 0, ny - 1)
         image[ys, xs] += rng.uniform(300.0, 5000.0, length)
         mask[ys, xs] |= cr
+    return n
+
+
+def repair_cosmic_rays(image: np.ndarray, mask: np.ndarray, *, planes: MaskPlanes,
+                       sigma: float = 1.5) -> int:
+    """Interpolate over the CR-flagged pixels in place and flag them INTRP.
+
+    Each cosmic-ray pixel gets the Gaussian-weighted mean (``sigma`` pixels) of the pixels around
+    it that are not cosmic rays (normalised convolution), as single-frame processing repairs its
+    calexps; the CR plane is kept.
+
+    Returns
+    -------
+    int
+        The number of pixels repaired.
+    """
+    hit = (mask & np.uint32(planes.bitmask("CR"))) != 0
+    n = int(hit.sum())
+    if n == 0:
+        return 0
+    good = (~hit).astype(np.float64)
+    ys, xs = np.nonzero(hit)
+    pad = int(np.ceil(4 * sigma)) + 12
+    y0, y1 = max(ys.min() - pad, 0), min(ys.max() + pad + 1, image.shape[0])
+    x0, x1 = max(xs.min() - pad, 0), min(xs.max() + pad + 1, image.shape[1])
+    window = np.s_[y0:y1, x0:x1]
+    values = np.where(hit[window], 0.0, image[window].astype(np.float64))
+    weight = good[window]
+    filled = np.zeros_like(values)
+    todo = hit[window].copy()
+    scale = sigma
+    while todo.any():
+        num = ndimage.gaussian_filter(values * weight, scale, mode="nearest")
+        den = ndimage.gaussian_filter(weight, scale, mode="nearest")
+        ok = todo & (den > 1e-3)
+        filled[ok] = num[ok] / den[ok]
+        todo &= ~ok
+        scale *= 2.0
+    block = image[window]
+    block[hit[window]] = filled[hit[window]].astype(image.dtype)
+    mask[hit] |= np.uint32(planes.bitmask("INTRP"))
     return n
 
 

@@ -38,7 +38,14 @@ from ..metadata import PhotoCalib, Weather
 from ..psf.analytic import MoffatPsf
 from ..wcs import local_jacobian, sky_to_pixel
 from .config import SimulationConfig
-from .defects import add_cosmic_rays, apply_bad_columns, apply_saturation, bad_columns, mask_edges
+from .defects import (
+    add_cosmic_rays,
+    apply_bad_columns,
+    apply_saturation,
+    bad_columns,
+    mask_edges,
+    repair_cosmic_rays,
+)
 from .observing import (
     DetectorGeometry,
     VisitPlan,
@@ -333,6 +340,8 @@ def render_exposure(
         apply_saturation(image, mask, level=config.saturation, planes=planes)
         add_cosmic_rays(image, mask, rate_per_megapixel=config.cosmic_rays_per_megapixel,
                         planes=planes, rng=rng)
+        if config.repair_cosmic_rays:
+            repair_cosmic_rays(image, mask, planes=planes)
         columns = bad_columns(rng_for(config.seed, "bad-columns", detector.id),
                               config.bad_columns, box.width, box.height)
         apply_bad_columns(image, mask, columns, planes=planes, rng=rng)
