@@ -4,11 +4,12 @@ Slicing a tiled array to an arbitrary box, padding it and re-chunking it through
 API creates several graph layers per tile; for the many small boxes of template assembly and
 warping that graph dominates the run time. :func:`regrid` builds the equivalent graph directly:
 each output tile is one task that copies the overlapping parts of the source chunks into a
-filled array.
+filled array, or the source chunk itself (no copy) where the tile is exactly one chunk.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from functools import partial
 from itertools import pairwise
 from operator import getitem
@@ -21,7 +22,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .box import Box
 
-__all__ = ["call3", "regrid", "tilewise3"]
+__all__ = ["call3", "call_keys", "chunk_pieces", "constant", "regrid", "tilewise3"]
 
 
 def _fill_cell(chunks: list[np.ndarray], src: list[tuple[slice, slice]],
@@ -33,8 +34,43 @@ def _fill_cell(chunks: list[np.ndarray], src: list[tuple[slice, slice]],
     return out
 
 
+def _chunk_shape(array: da.Array, key: tuple[Any, int, int]) -> tuple[int, int]:
+    return array.chunks[0][key[1]], array.chunks[1][key[2]]
+
+
 def _edges(start: int, chunks: tuple[int, ...]) -> list[int]:
-    return list(np.cumsum((start, *chunks)))
+    return [int(e) for e in np.cumsum((start, *chunks))]
+
+
+def _overlapping(edges: list[int], start: int, stop: int) -> range:
+    """Return the chunks (between consecutive ``edges``) overlapping ``[start, stop)``."""
+    first = max(bisect_right(edges, start) - 1, 0)
+    last = min(bisect_left(edges, stop), len(edges) - 1)
+    return range(first, last) if start < stop else range(0)
+
+
+def chunk_pieces(array: da.Array, origin: tuple[int, int], box: Box
+                 ) -> tuple[list[tuple[Any, int, int]], list[tuple[tuple[slice, slice], ...]]]:
+    """Return the keys of the chunks of ``array`` overlapping ``box`` and where they go.
+
+    ``array[0, 0]`` is at parent ``origin = (x0, y0)``. Each piece is ``(source slices,
+    destination slices)``: the part of the chunk inside ``box`` and its place in an array of
+    ``box.shape``.
+    """
+    ox, oy = origin
+    ys = _edges(oy, array.chunks[0])
+    xs = _edges(ox, array.chunks[1])
+    keys, pieces = [], []
+    for ci in _overlapping(ys, box.y0, box.y1):
+        ca, cb = ys[ci], ys[ci + 1]
+        y0, y1 = max(box.y0, ca), min(box.y1, cb)
+        for cj in _overlapping(xs, box.x0, box.x1):
+            xa, xb = xs[cj], xs[cj + 1]
+            x0, x1 = max(box.x0, xa), min(box.x1, xb)
+            keys.append((array.name, ci, cj))
+            pieces.append(((slice(y0 - ca, y1 - ca), slice(x0 - xa, x1 - xa)),
+                           (slice(y0 - box.y0, y1 - box.y0), slice(x0 - box.x0, x1 - box.x0))))
+    return keys, pieces
 
 
 def regrid(array: da.Array | np.ndarray, origin: tuple[int, int], box: Box, *,
@@ -62,34 +98,39 @@ def regrid(array: da.Array | np.ndarray, origin: tuple[int, int], box: Box, *,
     array = da.asarray(array)
     dtype = array.dtype
     ty, tx = (tile, tile) if np.isscalar(tile) else tile
-    ox, oy = origin
-    ys = _edges(oy, array.chunks[0])
-    xs = _edges(ox, array.chunks[1])
     x_edges = [*range(box.x0, box.x1, tx), box.x1]
     y_edges = [*range(box.y0, box.y1, ty), box.y1]
     name = f"regrid-{uuid4().hex}"
     dsk: dict[Any, Any] = {}
     for i, (ya, yb) in enumerate(pairwise(y_edges)):
         for j, (xa, xb) in enumerate(pairwise(x_edges)):
-            keys, src, dst = [], [], []
-            for ci, (ca, cb) in enumerate(pairwise(ys)):
-                y0, y1 = max(ya, ca), min(yb, cb)
-                if y0 >= y1:
-                    continue
-                for cj, (da_, db) in enumerate(pairwise(xs)):
-                    x0, x1 = max(xa, da_), min(xb, db)
-                    if x0 >= x1:
-                        continue
-                    keys.append((array.name, ci, cj))
-                    src.append((slice(int(y0 - ca), int(y1 - ca)),
-                                slice(int(x0 - da_), int(x1 - da_))))
-                    dst.append((slice(int(y0 - ya), int(y1 - ya)),
-                                slice(int(x0 - xa), int(x1 - xa))))
-            dsk[(name, i, j)] = (_fill_cell, keys, src, dst, (yb - ya, xb - xa), fill, dtype)
+            keys, pieces = chunk_pieces(array, origin, Box.from_bounds(xa, ya, xb, yb))
+            src = [p[0] for p in pieces]
+            dst = [p[1] for p in pieces]
+            shape = (yb - ya, xb - xa)
+            if len(keys) == 1 and dst[0] == (slice(0, shape[0]), slice(0, shape[1])) \
+                    and src[0] == dst[0] and _chunk_shape(array, keys[0]) == shape:
+                dsk[(name, i, j)] = keys[0]  # the tile is a whole source chunk: no copy
+            else:
+                dsk[(name, i, j)] = (_fill_cell, keys, src, dst, shape, fill, dtype)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[array])
     chunks = (tuple(b - a for a, b in pairwise(y_edges)),
               tuple(b - a for a, b in pairwise(x_edges)))
     return da.Array(graph, name, chunks, dtype=dtype)
+
+
+def constant(shape: tuple[int, int], value: Any, dtype: Any) -> da.Array:
+    """Return a one-chunk array filled with ``value`` (one task, nothing tokenised)."""
+    name = f"constant-{uuid4().hex}"
+    dsk = {(name, 0, 0): (partial(np.full, shape, value, dtype),)}
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[])
+    return da.Array(graph, name, ((shape[0],), (shape[1],)), dtype=dtype)
+
+
+def _label(func: Any) -> str:
+    """Task name prefix: the function's name (so profiles group tasks by function)."""
+    name = getattr(func, "__name__", "") or "tiles3"
+    return name.strip("_").replace("-", "_")
 
 
 def tilewise3(func: Any, groups: list[list[da.Array]], dtypes: tuple[Any, Any, Any], *,
@@ -122,7 +163,7 @@ def tilewise3(func: Any, groups: list[list[da.Array]], dtypes: tuple[Any, Any, A
         if other.chunks != first.chunks:
             raise ValueError("tilewise3 needs inputs with identical chunks")
     token = uuid4().hex
-    merged_name = f"tiles3-{token}"
+    merged_name = f"{_label(func)}-{token}"
     ny, nx = first.numblocks
     row_starts = np.cumsum((0, *first.chunks[0]))
     col_starts = np.cumsum((0, *first.chunks[1]))
@@ -147,21 +188,20 @@ def tilewise3(func: Any, groups: list[list[da.Array]], dtypes: tuple[Any, Any, A
     return outputs[0], outputs[1], outputs[2]
 
 
-def call3(func: Any, arrays: list[da.Array], shape: tuple[int, int],
-          dtypes: tuple[Any, Any, Any], **kwargs: Any) -> tuple[da.Array, da.Array, da.Array]:
-    """Run ``func`` once on single-chunk ``arrays``; it returns three ``shape`` planes.
+def call_keys(func: Any, keys: list[Any], dependencies: list[da.Array],
+              shape: tuple[int, int], dtypes: tuple[Any, Any, Any], **kwargs: Any
+              ) -> tuple[da.Array, da.Array, da.Array]:
+    """Run ``func(*values of keys, **kwargs)`` in one task; it returns three ``shape`` planes.
 
-    Unlike ``dask.delayed`` on dask arrays (which optimises and re-keys each argument's graph,
-    so shared upstream tasks can run twice), the task here refers to the arrays' own keys.
+    ``keys`` are chunk keys of the ``dependencies``. Unlike ``dask.delayed`` on dask arrays
+    (which optimises and re-keys each argument's graph, so shared upstream tasks can run
+    twice), the task refers to the arrays' own keys.
     """
-    for array in arrays:
-        if array.npartitions != 1:
-            raise ValueError("call3 needs single-chunk arrays; rechunk them first")
     token = uuid4().hex
-    holder_name = f"call3-{token}"
-    dsk = {(holder_name, 0, 0): (partial(func, **kwargs),
-                                 *[(a.name, *(0,) * a.ndim) for a in arrays])}
-    holder = da.Array(HighLevelGraph.from_collections(holder_name, dsk, dependencies=arrays),
+    holder_name = f"{_label(func)}-{token}"
+    dsk = {(holder_name, 0, 0): (partial(func, **kwargs), *keys)}
+    holder = da.Array(HighLevelGraph.from_collections(holder_name, dsk,
+                                                      dependencies=dependencies),
                       holder_name, ((1,), (1,)), dtype=object, meta=np.empty((0, 0), object))
     outputs = []
     for k, dtype in enumerate(dtypes):
@@ -170,3 +210,16 @@ def call3(func: Any, arrays: list[da.Array], shape: tuple[int, int],
         graph = HighLevelGraph.from_collections(name, layer, dependencies=[holder])
         outputs.append(da.Array(graph, name, ((shape[0],), (shape[1],)), dtype=dtype))
     return outputs[0], outputs[1], outputs[2]
+
+
+def call3(func: Any, arrays: list[da.Array], shape: tuple[int, int],
+          dtypes: tuple[Any, Any, Any], **kwargs: Any) -> tuple[da.Array, da.Array, da.Array]:
+    """Run ``func`` once on single-chunk ``arrays``; it returns three ``shape`` planes.
+
+    See :func:`call_keys`.
+    """
+    for array in arrays:
+        if array.npartitions != 1:
+            raise ValueError("call3 needs single-chunk arrays; rechunk them first")
+    return call_keys(func, [(a.name, *(0,) * a.ndim) for a in arrays], arrays, shape, dtypes,
+                     **kwargs)

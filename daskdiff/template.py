@@ -9,6 +9,10 @@ Three variants (DESIGN §1), all returning a lazy exposure on the science box gr
   merged. The merge weights each good pixel by ``variance ** -0.5`` and averages the variances
   with the same weights (overlapping patches share their input data); masks are OR-ed over the
   good inputs; pixels with no good input are NO_DATA with finite (zero) image and variance.
+  With ``tract_merge="nearest"`` (the default) each pixel takes the tract whose centre is
+  nearest, and a tract is warped only where it owns pixels or is within one ownership sample
+  (16 px) of them (its fallback band along the seam), so the warp costs about one detector.
+  The merges, the warp and HIGH_VARIANCE run in compiled (numba) loops.
 - **GetDcrTemplate** (:class:`GetDcrTemplateConfig`): each patch is built from its DCR
   sub-filter coadds, each shifted by its differential chromatic refraction for the science
   visit (see :mod:`daskdiff.dcr`) and summed; then the same merge and warp.
@@ -28,6 +32,7 @@ from os import PathLike
 from typing import Any, Literal
 
 import dask.array as da
+import numba
 import numpy as np
 import xarray as xr
 from pydantic import Field, model_validator
@@ -144,12 +149,15 @@ class OwnerMap:
     """Which input owns each pixel of a box, on a coarse grid (nearest sample per pixel).
 
     ``grid[r, c]`` is the index of the input owning the sample at pixel ``(x0 + c * step,
-    y0 + r * step)`` of the box, or -1; a pixel takes the owner of its nearest sample.
+    y0 + r * step)`` of the box, or -1; a pixel takes the owner of its nearest sample. An
+    input is *used* at the pixels whose sample lies within ``margin`` samples of one it owns
+    (its fallback band along the seams).
     """
 
     grid: np.ndarray
     box: Box
     step: int
+    margin: int = 1
 
     def rows(self, y0: int, y1: int) -> np.ndarray:
         """Return the grid row of each box row in ``[y0, y1)`` (box-relative offsets)."""
@@ -161,49 +169,135 @@ class OwnerMap:
         return np.clip(np.floor(np.arange(x0, x1) / self.step + 0.5).astype(int), 0,
                        self.grid.shape[1] - 1)
 
-    def tile(self, row: int, col: int, shape: tuple[int, int]) -> np.ndarray:
-        """Return the owner of every pixel of a tile at box-relative offset ``(row, col)``."""
-        return self.grid[np.ix_(self.rows(row, row + shape[0]), self.cols(col, col + shape[1]))]
+    def near(self, k: int) -> np.ndarray:
+        """Return the samples where input ``k`` is used (owned or within ``margin``)."""
+        own = self.grid == k
+        return ndimage.binary_dilation(own, iterations=self.margin) if self.margin else own
 
-    def owns_any(self, k: int, row: int, col: int, shape: tuple[int, int]) -> bool:
-        """Return whether input ``k`` owns any pixel of the tile."""
-        return bool(np.any(self.tile(row, col, shape) == k))
+    def uses_any(self, k: int, row: int, col: int, shape: tuple[int, int]) -> bool:
+        """Return whether input ``k`` is used anywhere in the tile at offset ``(row, col)``."""
+        rows = self.rows(row, row + shape[0])
+        cols = self.cols(col, col + shape[1])
+        return bool(self.near(k)[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].any())
+
+    def selection(self, k: int) -> Any:
+        """Return ``select(box) -> mask`` of the pixels where input ``k`` is used.
+
+        For :func:`~daskdiff.warp.warp_exposure`; ``box`` is in the parent frame.
+        """
+        near = self.near(k)
+
+        def select(tile: Box) -> np.ndarray:
+            rows = self.rows(tile.y0 - self.box.y0, tile.y1 - self.box.y0)
+            cols = self.cols(tile.x0 - self.box.x0, tile.x1 - self.box.x0)
+            part = near[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+            if part.all() or not part.any():
+                return np.broadcast_to(bool(part.all()), tile.shape)
+            return near[np.ix_(rows, cols)]
+
+        return select
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_kernel(images: np.ndarray, variances: np.ndarray, masks: np.ndarray,
+                  indices: np.ndarray, owner_grid: np.ndarray, owner_rows: np.ndarray,
+                  owner_cols: np.ndarray, no_data: int, out_image: np.ndarray,
+                  out_variance: np.ndarray, out_mask: np.ndarray) -> None:
+    """Merge ``n`` stacked inputs pixel by pixel (see :func:`merge_exposures`).
+
+    With an owner map (``owner_rows`` not empty) a pixel takes its owner input if that is
+    good there, else the first good input; without, every good input.
+    """
+    n, ny, nx = images.shape
+    use_owner = owner_rows.size > 0
+    for r in range(ny):
+        for c in range(nx):
+            pick = -1
+            if use_owner:
+                owner = owner_grid[owner_rows[r], owner_cols[c]]
+                for k in range(n):
+                    value = variances[k, r, c]
+                    if np.isfinite(images[k, r, c]) and np.isfinite(value) and value > 0:
+                        if indices[k] == owner:
+                            pick = k
+                            break
+                        if pick < 0:
+                            pick = k
+            sum_w = 0.0
+            sum_wi = 0.0
+            sum_wv = 0.0
+            bits = 0
+            for k in range(n):
+                if use_owner and k != pick:
+                    continue
+                image = np.float64(images[k, r, c])
+                variance = np.float64(variances[k, r, c])
+                if not (np.isfinite(image) and np.isfinite(variance) and variance > 0):
+                    continue
+                weight = 1.0 / np.sqrt(variance)
+                sum_w += weight
+                sum_wi += weight * image
+                sum_wv += weight * variance
+                bits |= masks[k, r, c]
+            if sum_w == 0:
+                out_image[r, c] = 0.0
+                out_variance[r, c] = 0.0
+                out_mask[r, c] = no_data
+            else:
+                out_image[r, c] = sum_wi / sum_w
+                out_variance[r, c] = sum_wv / sum_w
+                out_mask[r, c] = bits
+
+
+@numba.njit(cache=True, nogil=True)
+def _single_kernel(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, no_data: int,
+                   out_image: np.ndarray, out_variance: np.ndarray, out_mask: np.ndarray
+                   ) -> None:
+    """:func:`_merge_kernel` for one input, bit for bit, without branches (vectorised)."""
+    ny, nx = image.shape
+    for r in range(ny):
+        for c in range(nx):
+            value = np.float64(image[r, c])
+            var = np.float64(variance[r, c])
+            good = np.isfinite(value) & np.isfinite(var) & (var > 0)
+            safe = var if good else 1.0
+            weight = 1.0 / np.sqrt(safe)
+            out_image[r, c] = (weight * value) / weight if good else 0.0
+            out_variance[r, c] = (weight * safe) / weight if good else 0.0
+            out_mask[r, c] = mask[r, c] if good else no_data
+
+
+def _stack(planes: Sequence[np.ndarray], dtype: Any) -> np.ndarray:
+    """Stack equal-shaped planes into a C-contiguous 3-D array (a view for one plane)."""
+    if len(planes) == 1:
+        return np.ascontiguousarray(planes[0], dtype=dtype)[None]
+    return np.stack([np.asarray(p, dtype=dtype) for p in planes])
 
 
 def _merge_block(*blocks: np.ndarray, indices: list[int], location: tuple[int, int],
                  no_data: int, owner: OwnerMap | None, shape: tuple[int, int]
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge one tile from the (image, variance, mask) tiles of the inputs ``indices``."""
-    trios = [blocks[3 * k:3 * k + 3] for k in range(len(indices))]
-    goods = [np.isfinite(i) & np.isfinite(v) & (v > 0) for i, v, _ in trios]
-    if owner is not None and goods:
-        owners = owner.tile(location[0], location[1], shape)
-        owned = [g & (owners == index) for g, index in zip(goods, indices, strict=True)]
-        fallback = ~np.any(owned, axis=0)  # the owner has no good pixel: take the first good
-        taken = np.zeros(shape, bool)
-        chosen = []
-        for own, good in zip(owned, goods, strict=True):
-            pick = own | (fallback & good & ~taken)
-            taken |= pick
-            chosen.append(pick)
-        goods = chosen
-    sum_w = np.zeros(shape)
-    sum_wi = np.zeros(shape)
-    sum_wv = np.zeros(shape)
-    mask = np.zeros(shape, np.uint32)
-    for (image, variance, bits), good in zip(trios, goods, strict=True):
-        safe_var = np.where(good, variance, 1.0).astype(np.float64)
-        weight = np.where(good, 1.0 / np.sqrt(safe_var), 0.0)
-        sum_w += weight
-        sum_wi += weight * np.where(good, image, 0.0)
-        sum_wv += weight * np.where(good, safe_var, 0.0)
-        mask |= np.where(good, bits, np.uint32(0))
-    empty = sum_w == 0
-    safe = np.where(empty, 1.0, sum_w)
-    image = np.where(empty, 0.0, sum_wi / safe).astype(np.float32)
-    variance = np.where(empty, 0.0, sum_wv / safe).astype(np.float32)
-    mask = np.where(empty, np.uint32(no_data), mask).astype(np.uint32)
-    return image, variance, mask
+    out_image = np.empty(shape, np.float32)
+    out_variance = np.empty(shape, np.float32)
+    out_mask = np.empty(shape, np.uint32)
+    if len(indices) == 1:  # owner or not, a pixel takes the input where it is good
+        _single_kernel(np.asarray(blocks[0], np.float32), np.asarray(blocks[1], np.float32),
+                       np.asarray(blocks[2], np.uint32), no_data, out_image, out_variance,
+                       out_mask)
+        return out_image, out_variance, out_mask
+    if owner is None:
+        grid = np.zeros((1, 1), np.int64)
+        rows = cols = np.zeros(0, np.int64)
+    else:
+        grid = owner.grid.astype(np.int64, copy=False)
+        rows = owner.rows(location[0], location[0] + shape[0])
+        cols = owner.cols(location[1], location[1] + shape[1])
+    _merge_kernel(_stack(blocks[0::3], np.float32), _stack(blocks[1::3], np.float32),
+                  _stack(blocks[2::3], np.uint32), np.asarray(indices, np.int64), grid,
+                  rows.astype(np.int64, copy=False), cols.astype(np.int64, copy=False),
+                  no_data, out_image, out_variance, out_mask)
+    return out_image, out_variance, out_mask
 
 
 def merge_exposures(exposures: Sequence[xr.Dataset], box: Box, *,
@@ -228,7 +322,7 @@ def merge_exposures(exposures: Sequence[xr.Dataset], box: Box, *,
     owner : OwnerMap, optional
         Where given, each pixel takes its owner input alone (or, where the owner has no good
         pixel, the first input that has one) instead of the weighted mean; tiles only read the
-        inputs that overlap them and, with an owner map, that own part of them.
+        inputs that overlap them and, with an owner map, that are used in them.
 
     Returns
     -------
@@ -251,7 +345,7 @@ def merge_exposures(exposures: Sequence[xr.Dataset], box: Box, *,
         chosen = [k for k, b in enumerate(boxes) if b.overlaps(tile)]
         if owner is not None:
             owned = [k for k in chosen
-                     if owner.owns_any(k, int(row_starts[i]), int(col_starts[j]), shape)]
+                     if owner.uses_any(k, int(row_starts[i]), int(col_starts[j]), shape)]
             chosen = owned or chosen
         return chosen
 
@@ -269,20 +363,36 @@ def merge_exposures(exposures: Sequence[xr.Dataset], box: Box, *,
 # --------------------------------------------------------------------------------------------
 
 
+@numba.njit(cache=True, nogil=True)
+def _bin_medians_kernel(variance: np.ndarray, mask: np.ndarray, ignore_bits: int, size: int,
+                        medians: np.ndarray, counts: np.ndarray) -> None:
+    ny, nx = variance.shape
+    by, bx = medians.shape
+    values = np.empty(size * size)
+    for i in range(by):
+        for j in range(bx):
+            n = 0
+            for r in range(i * size, min((i + 1) * size, ny)):
+                for c in range(j * size, min((j + 1) * size, nx)):
+                    value = variance[r, c]
+                    if (mask[r, c] & ignore_bits) == 0 and np.isfinite(value) and value > 0:
+                        values[n] = value
+                        n += 1
+            counts[i, j] = n
+            medians[i, j] = np.median(values[:n]) if n > 0 else np.nan
+
+
 def _bin_medians(variance: np.ndarray, mask: np.ndarray, ignore_bits: int, size: int
                  ) -> np.ndarray:
     """Median of the unmasked variances in each ``size`` x ``size`` bin of a block."""
     ny, nx = variance.shape
-    by, bx = -(-ny // size), -(-nx // size)
-    values = np.full((by * size, bx * size), np.nan)
-    usable = ((mask & np.uint32(ignore_bits)) == 0) & np.isfinite(variance) & (variance > 0)
-    values[:ny, :nx] = np.where(usable, variance, np.nan)
-    blocks = values.reshape(by, size, bx, size).transpose(0, 2, 1, 3).reshape(by, bx, -1)
-    counts = np.isfinite(blocks).sum(axis=2)
-    medians = np.full((by, bx), np.nan)
-    has = counts > 0
-    medians[has] = np.nanmedian(blocks[has], axis=1)
-    return np.stack([medians, counts.astype(float)])
+    shape = (-(-ny // size), -(-nx // size))
+    medians = np.empty(shape)
+    counts = np.empty(shape)
+    _bin_medians_kernel(np.ascontiguousarray(variance, np.float32),
+                        np.ascontiguousarray(mask, np.uint32), int(ignore_bits), size, medians,
+                        counts)
+    return np.stack([medians, counts])
 
 
 def _variance_model(stats: np.ndarray, fraction_required: float, n_pixels: int
@@ -298,6 +408,29 @@ def _variance_model(stats: np.ndarray, fraction_required: float, n_pixels: int
     return medians, float(np.median(medians))
 
 
+def _linear_axis(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation indices and weights on ``n`` nodes, the edges extended."""
+    p = np.clip(coords, 0.0, n - 1.0)
+    low = np.minimum(np.floor(p).astype(np.int64), max(n - 2, 0))
+    return low, np.minimum(low + 1, n - 1), p - low
+
+
+@numba.njit(cache=True, nogil=True)
+def _flag_kernel(mask: np.ndarray, row0: np.ndarray, row1: np.ndarray, ty: np.ndarray,
+                 col0: np.ndarray, col1: np.ndarray, tx: np.ndarray, grid: np.ndarray,
+                 limit: float, flag: int) -> np.ndarray:
+    ny, nx = mask.shape
+    out = np.empty((ny, nx), np.uint32)
+    line = np.empty(grid.shape[1])
+    for r in range(ny):
+        for k in range(grid.shape[1]):  # the model along this row, at the bin columns
+            line[k] = (1.0 - ty[r]) * grid[row0[r], k] + ty[r] * grid[row1[r], k]
+        for c in range(nx):
+            value = (1.0 - tx[c]) * line[col0[c]] + tx[c] * line[col1[c]]
+            out[r, c] = mask[r, c] | flag if value > limit else mask[r, c]
+    return out
+
+
 def _flag_block(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray, stats: np.ndarray, *,
                 size: int, threshold: float, bit: int, fraction_required: float,
                 n_pixels: int) -> np.ndarray:
@@ -305,9 +438,10 @@ def _flag_block(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray, stats: np.ndar
     if model is None:
         return mask
     grid, median = model
-    yy, xx = np.meshgrid((ys + 0.5) / size - 0.5, (xs + 0.5) / size - 0.5, indexing="ij")
-    value = ndimage.map_coordinates(grid, [yy, xx], order=1, mode="nearest")
-    return mask | np.where(value > threshold * median, np.uint32(1 << bit), np.uint32(0))
+    rows = _linear_axis((ys + 0.5) / size - 0.5, grid.shape[0])
+    cols = _linear_axis((xs + 0.5) / size - 0.5, grid.shape[1])
+    return _flag_kernel(np.ascontiguousarray(mask, np.uint32), *rows, *cols,
+                        np.ascontiguousarray(grid, np.float64), threshold * median, 1 << bit)
 
 
 def high_variance_mask(exposure: xr.Dataset, *, threshold: float = 4.0,
@@ -355,7 +489,7 @@ def _mapped_box(src_wcs: Any, src_box: Box, dst_wcs: Any) -> Box:
 
 
 def template_coverage(wcs: Any, box: Box, inputs: Sequence[tuple[Any, Box]], *,
-                      step: int = 8) -> float:
+                      step: int = 8, max_samples: int = 40_000) -> float:
     """Return the fraction of ``box`` whose sky position falls inside any input's box.
 
     Parameters
@@ -365,17 +499,26 @@ def template_coverage(wcs: Any, box: Box, inputs: Sequence[tuple[Any, Box]], *,
     box : Box
         The science box.
     inputs : sequence of (WCS, Box)
-        Each input's WCS and pixel box.
+        Each input's WCS and pixel box; inputs sharing a WCS (the patches of one tract) are
+        mapped once.
     step : int, optional
-        Sampling step in pixels.
+        Smallest sampling step in pixels; larger boxes are sampled more coarsely, with at
+        most about ``max_samples`` samples.
+    max_samples : int, optional
+        Sample budget.
     """
+    step = max(step, int(np.ceil(np.sqrt(box.area / max_samples))))
     xs = np.arange(box.x0, box.x1, step) + 0.0
     ys = np.arange(box.y0, box.y1, step) + 0.0
     gx, gy = np.meshgrid(xs, ys)
     ra, dec = pixel_to_sky(wcs, gx.ravel(), gy.ravel())
     covered = np.zeros(gx.size, bool)
+    mapped: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for in_wcs, in_box in inputs:
-        u, v = sky_to_pixel(in_wcs, ra, dec)
+        key = in_wcs.to_header_string(relax=True)
+        if key not in mapped:
+            mapped[key] = sky_to_pixel(in_wcs, ra, dec)
+        u, v = mapped[key]
         covered |= np.asarray(in_box.contains(u, v))
     return float(covered.mean()) if covered.size else 0.0
 
@@ -468,7 +611,7 @@ def assemble_template(
         warped.append(warp_exposure(merged, wcs, box, kernel=config.warp_kernel,
                                     interp_length=config.interp_length,
                                     chunks=config.tile_size,
-                                    tiles=_needs(owner, len(warped), box)))
+                                    select=None if owner is None else owner.selection(len(warped))))
         for patch in group:
             psf = get_psf(patch)
             if psf is None:
@@ -515,17 +658,6 @@ def _tract_owners(wcs: Any, box: Box, patches: Mapping[int, Sequence[xr.Dataset]
         distance[k] = np.where(covered, np.arccos(np.clip(cos_d, -1, 1)), np.inf)
     grid = np.where(np.isfinite(distance).any(axis=0), np.argmin(distance, axis=0), -1)
     return OwnerMap(grid.reshape(gx.shape), box, step)
-
-
-def _needs(owner: OwnerMap | None, k: int, box: Box) -> Any:
-    """Return the tile predicate of input ``k`` for :func:`~daskdiff.warp.warp_exposure`."""
-    if owner is None:
-        return None
-
-    def needed(tile: Box) -> bool:
-        return owner.owns_any(k, tile.y0 - box.y0, tile.x0 - box.x0, tile.shape)
-
-    return needed
 
 
 def _template_visit_info(science_info: VisitInfo | None, inputs: Sequence[xr.Dataset]
