@@ -13,6 +13,7 @@ import pytest
 from daskdiff.repository import Repository
 from daskdiff.simulate import simulate
 from daskdiff.subtract import subtract
+from daskdiff.subtract.qa import blank_sky
 from daskdiff.template import get_template
 from daskdiff.wcs import sky_to_pixel
 
@@ -42,10 +43,12 @@ def sim_result(tmp_path_factory):
 
 
 @pytest.mark.xfail(
-    reason="measured -0.60% (kernel sum 0.8568 vs truth 0.8619): only 5 clean kernel stars in "
-    "this 1024^2 field, and the single-star kernel sums of the three brightest (S/N 150-390) "
-    "scatter by 3% (0.853, 0.869, 0.878), far beyond their photometric errors",
-    strict=False)
+    reason="measured -0.60% (kernel sum 0.8568 vs truth 0.8619, 5 kernel stars). The pixels "
+    "agree with the fit, not with the truth: aperture photometry of the brightest kernel star "
+    "(S/N 390, local sky from a 30-40 px annulus) gives science/template = 0.981, 0.992, 0.993 "
+    "x truth at r = 12, 16, 24 px, so the simulated images are ~0.7% off the truth calibration "
+    "ratio (simulator rendering; a 35-px kernel or a 4th, 8-px Gaussian make the fit worse: "
+    "-0.97%, -1.06%)", strict=True)
 def test_photometric_scale_matches_truth(sim_result):
     _, science, template, result, _ = sim_result
     truth = (template.attrs["photo_calib"].njy_per_count
@@ -54,10 +57,9 @@ def test_photometric_scale_matches_truth(sim_result):
 
 
 def test_blank_sky_noise_matches_variance(sim_result):
-    _, _, _, _, diff = sim_result
+    _, science, _, _, diff = sim_result
     planes = diff.attrs["mask_planes"]
-    bits = planes.bitmask("EDGE", "NO_DATA", "BAD", "SAT", "DETECTED", "CR")
-    good = (diff["mask"].values & bits) == 0
+    good = blank_sky(diff, science) & ((diff["mask"].values & planes.bitmask("CR")) == 0)
     z = diff["image"].values[good] / np.sqrt(diff["variance"].values[good])
     assert abs(_robust_std(z) - 1.0) < 0.05
 
@@ -81,7 +83,8 @@ def test_residuals_near_bright_stars(sim_result):
     near = np.zeros((ny, nx), bool)
     for xi, yi in zip(x[bright][isolated], y[bright][isolated], strict=True):
         near |= (xx - xi) ** 2 + (yy - yi) ** 2 <= radius**2
-    bad = diff.attrs["mask_planes"].bitmask("SAT", "NO_DATA", "EDGE", "BAD", "CR")
+    bad = diff.attrs["mask_planes"].bitmask("SAT", "SAT_TEMPLATE", "NO_DATA", "EDGE", "BAD",
+                                            "CR")
     near &= (diff["mask"].values & bad) == 0
     z = diff["image"].values[near] / np.sqrt(diff["variance"].values[near])
     assert _robust_std(z) <= 1.10

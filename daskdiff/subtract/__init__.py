@@ -9,6 +9,7 @@ global step computed eagerly; every per-pixel plane of the result stays lazy (da
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ from ..exposure import (
     make_exposure,
     require_psf,
 )
+from ..masks import MaskPlanes
+from ._compiled import bad_pixels, count_covered
 from .basis import make_basis, plan_basis
 from .config import AlardLuptonConfig
 from .convolve import convolve_exposure, convolve_plane
@@ -42,6 +45,10 @@ __all__ = ["AlardLuptonConfig", "KernelSolution", "PsfSize", "SubtractionResult"
 
 _STATS_BAD = ("INTRP", "EDGE", "DETECTED", "SAT", "CR", "BAD", "NO_DATA", "DETECTED_NEGATIVE")
 _SCALE_BAD = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP", "EDGE")
+_PRESERVE_TEMPLATE = ("NO_DATA", "BAD", "HIGH_VARIANCE")
+_RENAME_TEMPLATE = ("SAT", "INJECTED", "INJECTED_CORE")
+#: restored undilated on the convolved image (LSST preserveMaskPlanes, DM-55505)
+_UNDILATED = ("INJECTED", "INJECTED_CORE", "INJECTED_TEMPLATE", "INJECTED_CORE_TEMPLATE")
 
 
 @dataclass(frozen=True)
@@ -72,9 +79,48 @@ class SubtractionResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _bits(exposure: xr.Dataset, names: tuple[str, ...]) -> np.uint32:
-    planes = get_mask_planes(exposure)
-    return np.uint32(planes.bitmask(*[n for n in names if n in planes]))
+def _bits(source: xr.Dataset | MaskPlanes, names: tuple[str, ...]) -> np.uint32:
+    planes = source if isinstance(source, MaskPlanes) else get_mask_planes(source)
+    return np.uint32(planes.bitmask(*[n for n in names if n in set(planes)]))
+
+
+def _output_planes(science: MaskPlanes, template: MaskPlanes) -> MaskPlanes:
+    """Return the science registry plus the ``*_TEMPLATE`` planes the template will fill."""
+    renamed = [f"{name}_TEMPLATE" for name in _RENAME_TEMPLATE if name in set(template)]
+    if "FAKE" in set(template):
+        renamed.append("INJECTED_TEMPLATE")
+    extra = [name for name in _PRESERVE_TEMPLATE if name in set(template)]
+    if "FAKE" in set(science):
+        extra.append("INJECTED")
+    return science.with_planes(*renamed, *extra)
+
+
+def _science_mask(mask: np.ndarray, planes: MaskPlanes) -> np.ndarray:
+    """Clear DETECTED and DETECTED_NEGATIVE; legacy FAKE becomes INJECTED (LSST updateMasks)."""
+    out = mask & ~_bits(planes, ("DETECTED", "DETECTED_NEGATIVE"))
+    if "FAKE" in set(planes):
+        fake = _bits(planes, ("FAKE",))
+        out = np.where(out & fake, (out & ~fake) | _bits(planes, ("INJECTED",)), out)
+    return out.astype(np.uint32, copy=False)
+
+
+def _template_mask(mask: np.ndarray, planes: MaskPlanes, out_planes: MaskPlanes) -> np.ndarray:
+    """Return the template mask as the products carry it (LSST updateMasks).
+
+    NO_DATA, BAD and HIGH_VARIANCE are kept; SAT, INJECTED, INJECTED_CORE (and legacy FAKE)
+    become ``*_TEMPLATE``; every other plane is cleared. Bits are those of ``out_planes``.
+    """
+    out = np.zeros(mask.shape, np.uint32)
+    moves = [(name, name) for name in _PRESERVE_TEMPLATE if name in set(planes)]
+    moves += [(name, f"{name}_TEMPLATE") for name in _RENAME_TEMPLATE if name in set(planes)]
+    if "FAKE" in set(planes):
+        moves.append(("FAKE", "INJECTED_TEMPLATE"))
+    present = int(np.bitwise_or.reduce(mask, axis=None)) if mask.size else 0
+    for source, target in moves:
+        if present & (1 << planes[source]):  # move the bit: shift down to 0, up to the target
+            out |= ((mask >> np.uint32(planes[source])) & np.uint32(1)) << np.uint32(
+                out_planes[target])
+    return out
 
 
 @dataclass(frozen=True)
@@ -131,17 +177,43 @@ def _load(exposure: xr.Dataset) -> dict[str, np.ndarray]:
             "mask": np.asarray(mask), "origin": (box.x0, box.y0)}
 
 
-def _from_loaded(exposure: xr.Dataset, arrays: dict[str, np.ndarray]) -> xr.Dataset:
+def _aligned_chunks(science: xr.Dataset, box) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Return chunks for an image on ``box`` whose edges fall on the science tile edges.
+
+    The template (usually the science box grown by a border) is then tiled so that its cutout
+    on the science box has exactly the science tiling: no sliver tiles, no rechunking.
+    """
+    chunks = getattr(science["image"].data, "chunks", None)
+    if chunks is None:
+        return None
+    sbox = exposure_box(science)
+    out = []
+    for sizes, s0, lo, hi in ((chunks[0], sbox.y0, box.y0, box.y1),
+                              (chunks[1], sbox.x0, box.x0, box.x1)):
+        inner = s0 + np.cumsum(sizes)[:-1]
+        edges = [lo, *[int(e) for e in inner if lo < e < hi], hi]
+        out.append(tuple(int(b - a) for a, b in itertools.pairwise(edges)))
+    return out[0], out[1]
+
+
+def _from_loaded(exposure: xr.Dataset, arrays: dict[str, np.ndarray],
+                 chunks: Any = None, *, mask: np.ndarray | None = None,
+                 mask_planes: MaskPlanes | None = None) -> xr.Dataset:
     """Rebuild an exposure on its loaded planes, keeping its tiling (no recomputation)."""
-    data = exposure["image"].data
-    chunks = data.chunks if isinstance(data, da.Array) else None
-    planes = {name: (da.from_array(arrays[name], chunks=chunks, name=False) if chunks
-                     else arrays[name]) for name in ("image", "variance", "mask")}
+    if chunks is None:
+        data = exposure["image"].data
+        chunks = data.chunks if isinstance(data, da.Array) else None
+    source = {"image": arrays["image"], "variance": arrays["variance"],
+              "mask": arrays["mask"] if mask is None else mask}
+    planes = {name: (da.from_array(value, chunks=chunks, name=False) if chunks else value)
+              for name, value in source.items()}
     box = exposure_box(exposure)
+    attrs = {k: exposure.attrs.get(k) for k in ("wcs", "psf", "photo_calib", "visit_info",
+                                                 "mask_planes")}
+    if mask_planes is not None:
+        attrs["mask_planes"] = mask_planes
     return make_exposure(planes["image"], variance=planes["variance"], mask=planes["mask"],
-                         x0=box.x0, y0=box.y0, chunks=None,
-                         **{k: exposure.attrs.get(k) for k in (
-                             "wcs", "psf", "photo_calib", "visit_info", "mask_planes")})
+                         x0=box.x0, y0=box.y0, chunks=None, **attrs)
 
 
 def _tiled_like(exposure: xr.Dataset, reference: xr.Dataset) -> xr.Dataset:
@@ -156,12 +228,13 @@ def _tiled_like(exposure: xr.Dataset, reference: xr.Dataset) -> xr.Dataset:
     return result
 
 
-def _coverage(science: dict, template_on_science: xr.Dataset, no_data: np.uint32) -> float:
-    tmask = np.asarray(template_on_science["mask"].values)
-    timage = np.asarray(template_on_science["image"].values)
-    good = ((science["mask"] & no_data) == 0) & ((tmask & no_data) == 0) & np.isfinite(timage)
-    good &= np.isfinite(science["image"])
-    return float(good.mean())
+def _coverage(science: dict, template: dict, no_data: np.uint32) -> float:
+    """Fraction of science pixels where both images are finite and neither is NO_DATA."""
+    dx = science["origin"][0] - template["origin"][0]
+    dy = science["origin"][1] - template["origin"][1]
+    covered = count_covered(science["image"], science["mask"], template["image"],
+                            template["mask"], dy, dx, no_data)
+    return float(covered / max(science["image"].size, 1))
 
 
 def _scaled(exposure: xr.Dataset, factor: float) -> xr.Dataset:
@@ -209,14 +282,19 @@ def subtract(science: xr.Dataset, template: xr.Dataset, *,
     _check_inputs(science, template)
     sci_psf = require_psf(science, what="science exposure")
     tmpl_psf = require_psf(template, what="template")
-    sbox = exposure_box(science)
     no_data = _bits(science, ("NO_DATA",))
     sci = _load(science)
-    science = _from_loaded(science, sci)
     tmpl = _load(template)
-    template = _from_loaded(template, tmpl)
-    tmpl_on_sci = cutout(template, sbox, mode="pad")
-    coverage = _coverage(sci, tmpl_on_sci, no_data)
+    # statistics and kernel-source cuts read the original masks (``planes``); the products
+    # carry the housekept ones (LSST updateMasks) in the science registry plus *_TEMPLATE
+    sci["planes"], tmpl["planes"] = get_mask_planes(science), get_mask_planes(template)
+    out_planes = _output_planes(sci["planes"], tmpl["planes"])
+    science = _from_loaded(science, sci, mask=_science_mask(sci["mask"], sci["planes"]),
+                           mask_planes=out_planes)
+    template = _from_loaded(template, tmpl, _aligned_chunks(science, exposure_box(template)),
+                            mask=_template_mask(tmpl["mask"], tmpl["planes"], out_planes),
+                            mask_planes=out_planes)
+    coverage = _coverage(sci, tmpl, no_data)
     metadata: dict[str, Any] = {"template_coverage": coverage}
     if coverage < config.required_template_fraction:
         raise NoWorkError(f"the template covers {coverage:.1%} of the science image, below "
@@ -236,12 +314,12 @@ def subtract(science: xr.Dataset, template: xr.Dataset, *,
 
 def _subtract(science, template, sci, tmpl, sci_psf, tmpl_psf, config, sources, metadata):
     sbox, tbox = exposure_box(science), exposure_box(template)
-    scale_bad_s, scale_bad_t = _bits(science, _SCALE_BAD), _bits(template, _SCALE_BAD)
+    scale_bad_s, scale_bad_t = _bits(sci["planes"], _SCALE_BAD), _bits(tmpl["planes"], _SCALE_BAD)
     factors = {"science": 1.0, "template": 1.0}
     if config.do_scale_variance:
         for name, arrays, bits in (("science", sci, scale_bad_s), ("template", tmpl, scale_bad_t)):
             factors[name] = variance_scale_factor(
-                arrays["image"], arrays["variance"], (arrays["mask"] & bits) != 0,
+                arrays["image"], arrays["variance"], (arrays["mask"], bits),
                 limit=config.scale_variance_limit, what=name)
             arrays["variance"] = arrays["variance"] * np.float32(factors[name])
     science = _scaled(science, factors["science"])
@@ -260,10 +338,10 @@ def _subtract(science, template, sci, tmpl, sci_psf, tmpl_psf, config, sources, 
         plan = plan_basis(tmpl_sigma, sci_sigma, config=config)
     basis = make_basis(plan, config=config)
     half = plan.size // 2
-    for arrays, exp in ((sci, science), (tmpl, template)):
-        arrays["bad"] = ((arrays["mask"] & _bits(exp, config.exclude_mask_planes)) != 0) | \
-            ~np.isfinite(arrays["image"])
-    sci["cosmic"] = (sci["mask"] & _bits(science, ("CR",))) != 0
+    for arrays in (sci, tmpl):
+        arrays["bad"] = bad_pixels(arrays["image"], arrays["mask"],
+                                   _bits(arrays["planes"], config.exclude_mask_planes))
+    sci["cosmic"] = (sci["mask"] & _bits(sci["planes"], ("CR",))) != 0
     region = sbox.intersection(tbox.grow(-half))
     kernel_sources = select_kernel_sources(
         sci, tmpl, box=region, psf_sigma=sci_sigma, kernel_size=plan.size, config=config,
@@ -278,7 +356,8 @@ def _subtract(science, template, sci, tmpl, sci_psf, tmpl_psf, config, sources, 
     kappa = solution.kernel_sum
 
     matched_full = convolve_exposure(reference_exp, solution,
-                                     scale=kappa if mode == "convolveScience" else 1.0)
+                                     scale=kappa if mode == "convolveScience" else 1.0,
+                                     undilated=int(_bits(reference_exp, _UNDILATED)))
     unconv = _tiled_like(cutout(target_exp, sbox, mode="pad"), science)
     matched = _tiled_like(cutout(matched_full, sbox, mode="pad"), science)
     if mode == "convolveTemplate":
@@ -301,10 +380,7 @@ def _subtract(science, template, sci, tmpl, sci_psf, tmpl_psf, config, sources, 
 
     decor_meta: dict[str, Any] = {}
     if config.do_decorrelation:
-        stats_bad_t = _bits(target_exp, _STATS_BAD)
-        stats_bad_r = _bits(reference_exp, _STATS_BAD)
-        v1 = clipped_mean(target["variance"][(target["mask"] & stats_bad_t) == 0])
-        v2 = clipped_mean(reference["variance"][(reference["mask"] & stats_bad_r) == 0])
+        v1, v2 = _mean_variance(target, target_exp), _mean_variance(reference, reference_exp)
         cx, cy = sbox.center
         dk = decorrelation_kernel(solution.kernel_image(cx, cy), v1, v2)
         dhalf = dk.kernel.shape[0] // 2
@@ -337,6 +413,14 @@ def _subtract(science, template, sci, tmpl, sci_psf, tmpl_psf, config, sources, 
                              kernel_sources=kernel_sources, score=None, metadata=metadata)
 
 
+def _mean_variance(arrays: dict[str, Any], exposure: xr.Dataset) -> float:
+    """Return the clipped mean variance of the good pixels (cached in ``arrays``)."""
+    if "mean_variance" not in arrays:
+        arrays["mean_variance"] = clipped_mean(
+            arrays["variance"], good=(arrays["mask"], _bits(arrays["planes"], _STATS_BAD)))
+    return arrays["mean_variance"]
+
+
 def _limiting_magnitudes(science, template, sci, tmpl, sci_size, tmpl_size) -> dict[str, float]:
     """5-sigma point-source limits: zp - 2.5 log10(5 sigma sqrt(A)), A = 4 pi sqrt(Ixx Iyy)."""
     out = {}
@@ -344,8 +428,7 @@ def _limiting_magnitudes(science, template, sci, tmpl, sci_size, tmpl_size) -> d
     for name, exp, arrays, size in (("science", science, sci, sci_size),
                                     ("template", template, tmpl, tmpl_size)):
         area = 4.0 * np.pi * np.sqrt(size.ixx * size.iyy)
-        sigma = np.sqrt(clipped_mean(arrays["variance"][
-            (arrays["mask"] & _bits(exp, _STATS_BAD)) == 0]))
+        sigma = np.sqrt(_mean_variance(arrays, exp))
         calib = get_photo_calib(exp)
         f5 = 5.0 * sigma * np.sqrt(area) * calib.njy_per_count
         flux5.append(f5)

@@ -46,12 +46,10 @@ def write_kernel(solution: KernelSolution, path: Path) -> None:
     fits.HDUList(hdus).writeto(path, overwrite=True)
 
 
-def _residual_figures(difference) -> dict[str, float]:
-    planes = difference.attrs["mask_planes"]
-    bits = planes.bitmask(*[p for p in ("EDGE", "NO_DATA", "BAD", "SAT", "DETECTED")
-                            if p in planes])
-    good = (difference["mask"].values & bits) == 0
-    good &= np.isfinite(difference["image"].values) & (difference["variance"].values > 0)
+def _residual_figures(difference, science) -> dict[str, float]:
+    from .qa import blank_sky
+
+    good = blank_sky(difference, science) & (difference["variance"].values > 0)
     z = difference["image"].values[good] / np.sqrt(difference["variance"].values[good])
     if z.size == 0:
         return {}
@@ -141,7 +139,7 @@ def subtract_command(science: str, template: str, outdir: str, mode: str | None,
         n_dia_sources = catalog.num_rows
     summary = {"science": str(science), "template": str(template), "config": config.to_dict(),
                "n_dia_sources": n_dia_sources,
-               "metadata": result.metadata, "residuals": _residual_figures(difference),
+               "metadata": result.metadata, "residuals": _residual_figures(difference, sci),
                "n_kernel_sources": len(result.kernel_sources), "fallback": fallback,
                "elapsed_s": time.perf_counter() - start}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

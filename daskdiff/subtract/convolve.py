@@ -11,15 +11,16 @@ the kernel does not fit inside the image get EDGE (their values are copied from 
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 from scipy import fft as sfft
-from scipy import ndimage
 
 from ..exposure import exposure_box, get_mask_planes, make_exposure
+from ._compiled import or_dilate
 from .kernel import KernelSolution, scaled_position
 
 __all__ = ["convolve_exposure", "convolve_plane"]
@@ -61,9 +62,23 @@ class _SpectraCache:
         return (_SpectraCache, (self.kernels,))
 
 
+def _copy_edge(out: np.ndarray, block: np.ndarray, half: int, y_start: int, x_start: int,
+               shape: tuple[int, int]) -> None:
+    """Copy the input into ``out`` where the kernel does not fit inside the array."""
+    ny, nx = out.shape
+    inner = block[half:half + ny, half:half + nx]
+    for sl in _edge_slices(ny, nx, y_start, x_start, half, shape):
+        out[sl] = inner[sl]
+
+
 def _tile_conv(block: np.ndarray, spectra: _SpectraCache, terms_of: Any, half: int,
-               block_id: tuple[int, int], edges: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Convolve one haloed tile (single-precision FFTs: errors far below float32 noise)."""
+               block_id: tuple[int, int], edges: tuple[np.ndarray, np.ndarray],
+               copy_edge: tuple[int, int] | None = None) -> np.ndarray:
+    """Convolve one haloed tile (single-precision FFTs: errors far below float32 noise).
+
+    With ``copy_edge`` (the array shape), pixels within ``half`` of the array edge keep their
+    input values.
+    """
     i, j = block_id
     ny, nx = block.shape[0] - 2 * half, block.shape[1] - 2 * half
     y_start, x_start = edges[0][i], edges[1][j]
@@ -81,11 +96,16 @@ def _tile_conv(block: np.ndarray, spectra: _SpectraCache, terms_of: Any, half: i
             out += conv
         else:
             fy, fx = factors[t]
-            out += conv * fy * fx
+            conv *= fy
+            conv *= fx
+            out += conv
+    if copy_edge is not None:
+        _copy_edge(out, block, half, y_start, x_start, copy_edge)
     return out
 
 
-def convolve_plane(array: Any, kernels: np.ndarray, weights: Any, *, half: int) -> da.Array:
+def convolve_plane(array: Any, kernels: np.ndarray, weights: Any, *, half: int,
+                   copy_edge: bool = False) -> da.Array:
     """Convolve a 2-D array with ``sum_t weights_t(y, x) kernels_t``, tile-parallel.
 
     Parameters
@@ -100,6 +120,8 @@ def convolve_plane(array: Any, kernels: np.ndarray, weights: Any, *, half: int) 
         convolutions with unit weights.
     half : int
         Kernel half-width: the halo.
+    copy_edge : bool, optional
+        Keep the input values within ``half`` of the array edge (where the kernel does not fit).
 
     Returns
     -------
@@ -111,38 +133,49 @@ def convolve_plane(array: Any, kernels: np.ndarray, weights: Any, *, half: int) 
     return da.map_overlap(_tile_conv, array, depth=half, boundary=0, trim=False,
                           dtype=np.float32, meta=np.array((), np.float32), chunks=array.chunks,
                           spectra=_SpectraCache(np.asarray(kernels, np.float64)),
-                          terms_of=weights, half=half, edges=edges)
+                          terms_of=weights, half=half, edges=edges,
+                          copy_edge=array.shape if copy_edge else None,
+                          name=f"convolve-{uuid.uuid4().hex}")  # no tokenizing of the closure
+
+
+def _edge_slices(ny: int, nx: int, y_start: int, x_start: int, half: int,
+                 shape: tuple[int, int]) -> tuple[tuple[slice, slice], ...]:
+    """Return the slices of a tile that lie within ``half`` of the array edge."""
+    top = int(np.clip(half - y_start, 0, ny))
+    bottom = int(np.clip(y_start + ny - (shape[0] - half), 0, ny))
+    left = int(np.clip(half - x_start, 0, nx))
+    right = int(np.clip(x_start + nx - (shape[1] - half), 0, nx))
+    return ((slice(0, top), slice(None)), (slice(ny - bottom, ny), slice(None)),
+            (slice(None), slice(0, left)), (slice(None), slice(nx - right, nx)))
 
 
 def _dilate_tile(block: np.ndarray, half: int, edge_bit: int, shape: tuple[int, int],
-                 block_id: tuple[int, int], edges: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+                 block_id: tuple[int, int], edges: tuple[np.ndarray, np.ndarray],
+                 undilated: int = 0) -> np.ndarray:
     i, j = block_id
     ny, nx = block.shape[0] - 2 * half, block.shape[1] - 2 * half
-    out = np.zeros((ny, nx), np.uint32)
-    present = np.bitwise_or.reduce(block, axis=None) if block.size else 0
-    size = 2 * half + 1
-    for bit in range(32):
-        value = np.uint32(1 << bit)
-        if not present & value:
-            continue
-        plane = (block & value) != 0
-        grown = ndimage.maximum_filter1d(ndimage.maximum_filter1d(plane, size, axis=0), size,
-                                         axis=1)
-        out[grown[half:half + ny, half:half + nx]] |= value
-    y0, x0 = edges[0][i], edges[1][j]
-    yy = np.arange(y0, y0 + ny)[:, None]
-    xx = np.arange(x0, x0 + nx)[None, :]
-    at_edge = (yy < half) | (yy >= shape[0] - half) | (xx < half) | (xx >= shape[1] - half)
-    out[at_edge] |= np.uint32(edge_bit)
+    if block.any():
+        grown = or_dilate(np.ascontiguousarray(block, dtype=np.uint32), half)
+        out = np.ascontiguousarray(grown[half:half + ny, half:half + nx])
+    else:  # nothing to dilate (most template tiles once its planes are housekept)
+        out = np.zeros((ny, nx), np.uint32)
+    if undilated:
+        keep = np.uint32(undilated)
+        out &= ~keep
+        out |= block[half:half + ny, half:half + nx] & keep
+    for sl in _edge_slices(ny, nx, int(edges[0][i]), int(edges[1][j]), half, shape):
+        out[sl] |= np.uint32(edge_bit)
     return out
 
 
-def _dilate_mask(mask: Any, half: int, edge_bit: int) -> da.Array:
+def _dilate_mask(mask: Any, half: int, edge_bit: int, undilated: int = 0) -> da.Array:
     mask = _fit_chunks(_as_dask(mask), half)
     edges = (_edges(mask.chunks[0]), _edges(mask.chunks[1]))
     return da.map_overlap(_dilate_tile, mask, depth=half, boundary=0, trim=False,
                           dtype=np.uint32, meta=np.array((), np.uint32), chunks=mask.chunks,
-                          half=half, edge_bit=edge_bit, shape=mask.shape, edges=edges)
+                          half=half, edge_bit=edge_bit, shape=mask.shape, edges=edges,
+                          undilated=undilated,
+                          name=f"dilate-mask-{uuid.uuid4().hex}")
 
 
 def _term_weights(solution: KernelSolution, x0: int, y0: int, *, squared: bool):
@@ -179,15 +212,8 @@ def squared_kernels(solution: KernelSolution) -> np.ndarray:
     return np.stack([kt[t] * kt[u] for t in range(nt) for u in range(t, nt)])
 
 
-def _frame(shape: tuple[int, int], half: int, chunks: Any) -> da.Array:
-    """Return a lazy boolean frame: True within ``half`` pixels of the array edge."""
-    ys = da.arange(shape[0], chunks=chunks[0])[:, None]
-    xs = da.arange(shape[1], chunks=chunks[1])[None, :]
-    return ((ys < half) | (ys >= shape[0] - half)) | ((xs < half) | (xs >= shape[1] - half))
-
-
 def convolve_exposure(exposure: xr.Dataset, solution: KernelSolution, *,
-                      scale: float = 1.0) -> xr.Dataset:
+                      scale: float = 1.0, undilated: int = 0) -> xr.Dataset:
     """Convolve an exposure with the spatially varying kernel (lazy, tile-parallel).
 
     Parameters
@@ -198,6 +224,8 @@ def convolve_exposure(exposure: xr.Dataset, solution: KernelSolution, *,
         The kernel.
     scale : float, optional
         Divide the result by this (the kernel sum in convolveScience mode).
+    undilated : int, optional
+        Mask bits restored undilated after the dilation (LSST ``preserveMaskPlanes``).
 
     Returns
     -------
@@ -208,16 +236,13 @@ def convolve_exposure(exposure: xr.Dataset, solution: KernelSolution, *,
     half = solution.half_width
     kernels = solution.term_kernels() / scale
     image = convolve_plane(exposure["image"].data, kernels,
-                           _term_weights(solution, box.x0, box.y0, squared=False), half=half)
+                           _term_weights(solution, box.x0, box.y0, squared=False), half=half,
+                           copy_edge=True)
     variance = convolve_plane(exposure["variance"].data, squared_kernels(solution) / scale**2,
-                              _term_weights(solution, box.x0, box.y0, squared=True), half=half)
+                              _term_weights(solution, box.x0, box.y0, squared=True), half=half,
+                              copy_edge=True)
     edge_bit = get_mask_planes(exposure).bitmask("EDGE")
-    mask = _dilate_mask(exposure["mask"].data, half, edge_bit)
-    at_edge = _frame(image.shape, half, image.chunks)
-    raw_image = _as_dask(exposure["image"].data).rechunk(image.chunks)
-    raw_var = _as_dask(exposure["variance"].data).rechunk(image.chunks)
-    image = da.where(at_edge, raw_image, image)
-    variance = da.where(at_edge, raw_var, variance)
+    mask = _dilate_mask(exposure["mask"].data, half, edge_bit, undilated)
     return make_exposure(image, variance=variance, mask=mask, x0=box.x0, y0=box.y0,
                          chunks=None, **{k: exposure.attrs.get(k) for k in (
                              "wcs", "psf", "photo_calib", "visit_info", "mask_planes")})

@@ -78,34 +78,37 @@ def _fft_design(r_img: np.ndarray, basis: np.ndarray, side: int) -> np.ndarray:
     return conv.reshape(len(r_img), basis.shape[0], -1)
 
 
-def _toeplitz(kernels: np.ndarray, n: int, side: int) -> np.ndarray:
-    """Return ``W (n, side, d)`` with ``sum_u W[u, x, p] f[u]`` the valid convolution of ``f``."""
+def _band(kernels: np.ndarray, n: int, side: int) -> np.ndarray:
+    """Return ``W (d, n, side)``: ``sum_u W[p, u, x] f[u]`` is the valid convolution of ``f``."""
     size = kernels.shape[0]
-    w = np.zeros((n, side, kernels.shape[1]))
-    flipped = kernels[::-1]
+    w = np.zeros((kernels.shape[1], n, side), dtype=np.float32)
+    flipped = kernels[::-1].T
     for x in range(side):
-        w[x:x + size, x] = flipped
+        w[:, x:x + size, x] = flipped
+    w[np.abs(w) < 1e-30] = 0.0  # no subnormal float32 taps (far Gaussian wings): they are slow
     return w
 
 
 def _separable_design(r_img: np.ndarray, basis: SeparableBasis, side: int) -> np.ndarray:
-    """Return the valid convolutions with the separable raw kernels, mapped to the basis.
+    """Return the valid convolutions of the stamps with the *raw* separable kernels.
 
-    Each 1-D pass is one matrix product with a banded (Toeplitz) matrix, so the work is done
-    by BLAS; the result has shape ``(c, n_basis, side * side)``.
+    Each 1-D pass is one single-precision matrix product with a banded (Toeplitz) matrix (the
+    stamps are float32 data: the passes lose nothing); the y pass is done only for the powers
+    ``q`` that go with each ``p``. The result has shape ``(c, n_raw, side * side)``; the
+    renormalising map ``basis.transform`` is applied to the normal equations instead.
     """
     c, n = r_img.shape[0], r_img.shape[1]
-    raw = np.empty((c, len(basis.gauss), side, side))
+    stamps = np.ascontiguousarray(r_img.transpose(1, 0, 2), dtype=np.float32).reshape(n * c, n)
+    raw = np.empty((c, len(basis.gauss), side, side), dtype=np.float32)
     for g, kx in enumerate(basis.kx):
-        d = kx.shape[1]
-        w = _toeplitz(kx, n, side)
-        rows = (r_img.reshape(c * n, n) @ w.reshape(n, side * d)).reshape(c, n, side, d)
-        both = np.tensordot(w, rows, axes=(0, 1))          # (y, q, c, x, p)
-        sel = np.flatnonzero(basis.gauss == g)
-        picked = both[:, basis.py[sel], :, :, basis.px[sel]]  # (i, y, c, x)
-        raw[:, sel] = picked.transpose(2, 0, 1, 3)
-    flat = raw.reshape(c, len(basis.gauss), -1)
-    return np.matmul(basis.transform[None], flat)
+        w = _band(kx, n, side)                                     # (p, u, x)
+        for p in range(kx.shape[1]):
+            sel = np.flatnonzero((basis.gauss == g) & (basis.px == p))
+            rows = (stamps @ w[p]).reshape(n, c * side)            # (Y, c, x)
+            wy = w[basis.py[sel]].transpose(0, 2, 1).reshape(len(sel) * side, n)  # (q, y, Y)
+            both = (wy @ rows).reshape(len(sel), side, c, side)   # (q, y, c, x)
+            raw[:, sel] = both.transpose(2, 0, 1, 3)
+    return raw.reshape(c, len(basis.gauss), -1)
 
 
 def build_systems(target: dict[str, np.ndarray], reference: dict[str, np.ndarray],
@@ -131,6 +134,9 @@ def build_systems(target: dict[str, np.ndarray], reference: dict[str, np.ndarray
     hs = size  # stamp half-side: the stamp is 2 * size + 1 wide
     side = 2 * hs + 1
     m = nb + (1 if fit_background else 0)
+    transform = np.eye(m)
+    if separable:
+        transform[:nb, :nb] = basis.transform
     c = len(xs)
     out = {k: [] for k in ("normal", "rhs", "chi_normal", "chi_rhs", "chi_ss", "chi_sum_a",
                            "chi_sum_s")}
@@ -142,24 +148,37 @@ def build_systems(target: dict[str, np.ndarray], reference: dict[str, np.ndarray
         r_var = _stamps(reference["variance"], reference["origin"], xs[sl], ys[sl], hs)
         design = (_separable_design(r_img, basis, side) if separable
                   else _fft_design(r_img, basis, side))
+        nc = len(s_img)
+        # rows: the design, the background column, then the data (one product gives all sums)
+        rows = np.empty((nc, m + 1, side * side))
+        rows[:, :nb] = design
         if fit_background:
-            design = np.concatenate([design, np.ones((len(s_img), 1, side * side))], axis=1)
-        s = s_img.reshape(len(s_img), -1)
-        v = np.maximum((s_var + r_var).reshape(len(s_img), -1), 1e-30)
+            rows[:, nb] = 1.0
+        rows[:, m] = s_img.reshape(nc, -1)
+        v = np.maximum((s_var + r_var).reshape(nc, -1), 1e-30)
         weight = 1.0 / np.median(v, axis=1)
-        inv_v = 1.0 / v
-        design_t = np.ascontiguousarray(design.transpose(0, 2, 1))
-        out["normal"].append(np.matmul(design, design_t) * weight[:, None, None])
-        out["rhs"].append(np.matmul(design, s[..., None])[..., 0] * weight[:, None])
-        dv = design * inv_v[:, None, :]
-        out["chi_normal"].append(np.matmul(dv, design_t))
-        out["chi_rhs"].append(np.matmul(dv, s[..., None])[..., 0])
-        out["chi_ss"].append(np.sum(s * s * inv_v, axis=1))
-        sq = np.sqrt(inv_v)
-        out["chi_sum_a"].append(np.matmul(design, sq[..., None])[..., 0])
-        out["chi_sum_s"].append(np.sum(s * sq, axis=1))
+        inv_sigma = np.sqrt(1.0 / v)
+        scaled = rows * inv_sigma[:, None, :]
+        plain = np.empty((nc, m + 1, m + 1))
+        chi = np.empty((nc, m + 1, m + 1))
+        for k in range(nc):  # X @ X.T is a symmetric rank-k update (BLAS syrk)
+            plain[k] = rows[k] @ rows[k].T
+            chi[k] = scaled[k] @ scaled[k].T
+        sums = scaled.sum(axis=2)
+        out["normal"].append(plain[:, :m, :m] * weight[:, None, None])
+        out["rhs"].append(plain[:, :m, m] * weight[:, None])
+        out["chi_normal"].append(chi[:, :m, :m])
+        out["chi_rhs"].append(chi[:, :m, m])
+        out["chi_ss"].append(chi[:, m, m])
+        out["chi_sum_a"].append(sums[:, :m])
+        out["chi_sum_s"].append(sums[:, m])
     arrays = {k: (np.concatenate(v) if v else np.zeros((0, m, m) if "normal" in k else (0, m)))
               for k, v in out.items()}
+    if separable:  # from the raw kernels to the renormalised basis
+        for key in ("normal", "chi_normal"):
+            arrays[key] = np.matmul(np.matmul(transform, arrays[key]), transform.T)
+        for key in ("rhs", "chi_rhs", "chi_sum_a"):
+            arrays[key] = arrays[key] @ transform.T
     return CandidateSystems(x=np.asarray(xs, float), y=np.asarray(ys, float), n_pix=side * side,
                             **arrays)
 

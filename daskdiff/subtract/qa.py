@@ -6,9 +6,30 @@ import numpy as np
 import xarray as xr
 from astropy.table import Table
 
-__all__ = ["footprint_ratio"]
+__all__ = ["blank_sky", "footprint_ratio"]
 
-_BAD = ("NO_DATA", "BAD", "SAT", "EDGE")
+_BAD = ("NO_DATA", "BAD", "SAT", "SAT_TEMPLATE", "EDGE")
+
+
+def _bits(planes, names) -> int:
+    known = set(planes)
+    return planes.bitmask(*[p for p in names if p in known])
+
+
+def blank_sky(difference: xr.Dataset, science: xr.Dataset | None = None) -> np.ndarray:
+    """Return the unmasked pixels of the difference away from sources.
+
+    The subtraction clears DETECTED (LSST updateMasks), so the sources are taken from the
+    science input's DETECTED plane when it is given, as well as from the difference's.
+    """
+    planes = difference.attrs["mask_planes"]
+    mask = np.asarray(difference["mask"].values)
+    blank = (mask & _bits(planes, (*_BAD, "DETECTED"))) == 0
+    if science is not None:
+        sci = science.sel(y=difference["y"], x=difference["x"])
+        sci_planes = sci.attrs.get("mask_planes") or planes
+        blank &= (np.asarray(sci["mask"].values) & _bits(sci_planes, ("DETECTED",))) == 0
+    return blank & np.isfinite(np.asarray(difference["image"].values))
 
 
 def footprint_ratio(difference: xr.Dataset, science: xr.Dataset, sources: Table, *,
@@ -20,11 +41,10 @@ def footprint_ratio(difference: xr.Dataset, science: xr.Dataset, sources: Table,
     ``|diff|`` over the unmasked, undetected pixels. Small (< 0.02) for a good subtraction.
     """
     planes = difference.attrs["mask_planes"]
-    bits = planes.bitmask(*[p for p in _BAD if p in planes])
     diff = np.asarray(difference["image"].values, np.float64)
-    good = ((np.asarray(difference["mask"].values) & bits) == 0) & np.isfinite(diff)
-    blank = good & ((np.asarray(difference["mask"].values)
-                     & planes.bitmask(*[p for p in ("DETECTED",) if p in planes])) == 0)
+    good = ((np.asarray(difference["mask"].values) & _bits(planes, _BAD)) == 0) & \
+        np.isfinite(diff)
+    blank = blank_sky(difference, science)
     sky = float(np.mean(np.abs(diff[blank]))) if blank.any() else 0.0
     sci = science.sel(y=difference["y"], x=difference["x"])["image"].values
     x0, y0 = int(difference["x"][0]), int(difference["y"][0])

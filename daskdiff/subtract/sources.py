@@ -17,6 +17,7 @@ from astropy.table import Table
 
 from ..box import Box
 from ..errors import AlgorithmError
+from ._compiled import detection_planes
 from .config import AlardLuptonConfig
 
 __all__ = ["detect_sources", "select_kernel_sources"]
@@ -29,21 +30,16 @@ def _gaussian_stamp(sigma: float, half: int, dx: np.ndarray, dy: np.ndarray) -> 
     return gy[:, :, None] * gx[:, None, :]
 
 
-def _bin2(array: np.ndarray) -> np.ndarray:
-    ny, nx = (array.shape[0] // 2) * 2, (array.shape[1] // 2) * 2
-    a = array[:ny, :nx]
-    return a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]
-
-
-def _refine(image: np.ndarray, xs: np.ndarray, ys: np.ndarray, half: int = 2
+def _refine(image: np.ndarray, bad: np.ndarray, xs: np.ndarray, ys: np.ndarray, half: int = 2
             ) -> tuple[np.ndarray, np.ndarray]:
     """Refine positions with the first moment of the positive pixels in a small window."""
     ny, nx = image.shape
     ix = np.clip(np.round(xs).astype(int), half, nx - half - 1)
     iy = np.clip(np.round(ys).astype(int), half, ny - half - 1)
     offsets = np.arange(-half, half + 1)
-    win = image[iy[:, None, None] + offsets[None, :, None],
-                ix[:, None, None] + offsets[None, None, :]]
+    rows = iy[:, None, None] + offsets[None, :, None]
+    cols = ix[:, None, None] + offsets[None, None, :]
+    win = np.where(bad[rows, cols], 0.0, image[rows, cols])
     win = win - np.median(win.reshape(len(ix), -1), axis=1)[:, None, None]
     w = np.clip(np.nan_to_num(win), 0, None)
     total = np.maximum(w.sum(axis=(1, 2)), 1e-30)
@@ -65,17 +61,9 @@ def detect_sources(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
     astropy.table.Table
         ``x``, ``y`` (parent frame) and ``blended`` per detection.
     """
-    good = ~bad & np.isfinite(image) & np.isfinite(variance) & (variance > 0)
-    data = np.where(good, image, 0.0).astype(np.float32)
-    var = np.where(good, variance, 0.0).astype(np.float32)
-    binned = data.size > (1 << 22) and psf_sigma > 1.0
-    if binned:
-        data_d, var_d = _bin2(data), _bin2(var)
-        good_d = _bin2(good.astype(np.float32)) == 4
-    else:
-        data_d, var_d, good_d = data, var, good
-    data_d = np.ascontiguousarray(np.where(good_d, data_d, 0.0), dtype=np.float32)
-    err = np.sqrt(np.where(good_d, var_d, np.inf)).astype(np.float32)
+    binned = image.size > (1 << 22) and psf_sigma > 1.0
+    data_d, var_d, good_d = detection_planes(image, variance, bad, 2 if binned else 1)
+    err = np.sqrt(np.where(good_d, var_d, np.float32(np.inf)))
     back = sep.Background(data_d, mask=~good_d, bw=64, bh=64)
     sep.set_extract_pixstack(max(300000, data_d.size // 4))
     sep.set_sub_object_limit(4096)
@@ -87,7 +75,7 @@ def detect_sources(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
                              "image may be dominated by artefacts (check its masks)") from None
     xs, ys = objects["x"], objects["y"]
     if binned:
-        xs, ys = _refine(data, 2.0 * xs + 0.5, 2.0 * ys + 0.5)
+        xs, ys = _refine(image, bad, 2.0 * xs + 0.5, 2.0 * ys + 0.5)
     return Table({"x": xs + origin[0], "y": ys + origin[1],
                   "blended": (objects["flag"] & sep.OBJ_MERGED) != 0})
 
@@ -129,9 +117,12 @@ def _psf_photometry(image: np.ndarray, variance: np.ndarray, origin: tuple[int, 
 def _clean_stamps(masks: list[tuple[np.ndarray, tuple[int, int]]], xs: np.ndarray,
                   ys: np.ndarray, half: int) -> np.ndarray:
     ok = np.ones(len(xs), bool)
-    for mask, origin in masks:
-        stack = _stamp_stack(mask.astype(np.float32), origin, xs, ys, half)
-        ok &= ~np.any(stack > 0, axis=(1, 2))
+    side = 2 * half + 1
+    for mask, (ox, oy) in masks:
+        for k, (x, y) in enumerate(zip(xs, ys, strict=True)):
+            if ok[k]:
+                r, c = int(y) - oy - half, int(x) - ox - half
+                ok[k] = not mask[r:r + side, c:c + side].any()
     return ok
 
 

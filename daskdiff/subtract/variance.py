@@ -20,12 +20,18 @@ def _sample(values: np.ndarray) -> np.ndarray:
     return values[::step]
 
 
-def clipped_mean(values: np.ndarray, *, nsigma: float = 3.0, n_iter: int = 3) -> float:
+def clipped_mean(values: np.ndarray, *, nsigma: float = 3.0, n_iter: int = 3,
+                 good: tuple[np.ndarray, int] | None = None) -> float:
     """Return the 3-sigma clipped mean (3 iterations, as afw MEANCLIP).
 
-    Planes of more than ~1M pixels are subsampled on a fixed stride.
+    Planes of more than ~1M pixels are subsampled on a fixed stride. ``good`` is an optional
+    ``(mask, bits)`` pair: only pixels with none of ``bits`` set in ``mask`` count (the mask is
+    applied after the subsampling, so no full-size boolean plane is built).
     """
     values = _sample(values)
+    if good is not None:
+        mask, bits = good
+        values = values[(_sample(mask) & bits) == 0]
     values = values[np.isfinite(values)]
     if values.size == 0:
         return float("nan")
@@ -44,16 +50,19 @@ def _background(image: np.ndarray, good: np.ndarray, bin_size: int) -> np.ndarra
     return sep.Background(data, mask=~good, bw=size, bh=size).back()
 
 
-def _blocks(shape: tuple[int, int], *, block: int = 512, max_pixels: int = 1 << 22
+def _blocks(shape: tuple[int, int], *, block: int = 512, max_pixels: int = 1 << 21
             ) -> list[tuple[slice, slice]]:
-    """Return a regular checkerboard of blocks covering at most ``max_pixels`` (all if small)."""
+    """Return blocks on diagonal stripes covering about ``max_pixels`` (all if small).
+
+    Every row and every column of blocks is sampled, so the statistics see the whole field.
+    """
     ny, nx = shape
     if ny * nx <= max_pixels:
         return [(slice(0, ny), slice(0, nx))]
-    cells = [(slice(y, min(y + block, ny)), slice(x, min(x + block, nx)))
-             for y in range(0, ny, block) for x in range(0, nx, block)]
     step = int(np.ceil(ny * nx / max_pixels))
-    return cells[::step]
+    return [(slice(y, min(y + block, ny)), slice(x, min(x + block, nx)))
+            for i, y in enumerate(range(0, ny, block)) for j, x in enumerate(range(0, nx, block))
+            if (i + j) % step == 0]
 
 
 def _iqr_sigma(values: np.ndarray) -> float:
@@ -61,12 +70,14 @@ def _iqr_sigma(values: np.ndarray) -> float:
     return float(0.741301109 * (q3 - q1))
 
 
-def variance_scale_factor(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
-                          bin_size: int = 32, limit: float = 10.0, what: str = "image") -> float:
+def variance_scale_factor(image: np.ndarray, variance: np.ndarray,
+                          bad: np.ndarray | tuple[np.ndarray, int], *, bin_size: int = 32,
+                          limit: float = 10.0, what: str = "image") -> float:
     """Return the factor by which the variance plane underestimates the pixel noise.
 
     The IQR sigma of ``(image - background) / sqrt(variance)`` over unmasked pixels, squared;
-    if above ``limit``, the image-based ratio ``IQR-var(image) / median(variance)``.
+    if above ``limit``, the image-based ratio ``IQR-var(image) / median(variance)``. ``bad`` is
+    a boolean plane or a ``(mask, bits)`` pair (pixels with any of ``bits`` set are ignored).
 
     Raises
     ------
@@ -76,7 +87,8 @@ def variance_scale_factor(image: np.ndarray, variance: np.ndarray, bad: np.ndarr
     resid_parts, var_parts = [], []
     for sl in _blocks(image.shape):
         img, v = image[sl], variance[sl]
-        good = ~bad[sl] & np.isfinite(img) & np.isfinite(v) & (v > 0)
+        masked = (bad[0][sl] & bad[1]) != 0 if isinstance(bad, tuple) else bad[sl]
+        good = ~masked & np.isfinite(img) & np.isfinite(v) & (v > 0)
         if good.sum() < 100:
             continue
         resid_parts.append((img - _background(img, good, bin_size))[good])
