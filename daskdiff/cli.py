@@ -80,21 +80,75 @@ def run_command(pipeline: str, repo: str, where: str | None, run_name: str | Non
 @click.option("--run", "run_name", required=True, help="The run to show.")
 @click.option("--slowest", type=int, default=5, show_default=True,
               help="How many of the slowest quanta to list.")
-def status_command(repo: str, run_name: str, slowest: int) -> None:
-    """Show the ledger of a run: counts, failures with reasons, the slowest quanta."""
-    from .repository import Repository
+@click.option("--sigma", type=float, default=5.0, show_default=True,
+              help="QA outliers: robust standard deviations from the run's median.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def status_command(repo: str, run_name: str, slowest: int, sigma: float,
+                   as_json: bool) -> None:
+    """Show a run's ledger: counts, failures, slowest quanta, peak memory, QA outliers."""
+    import json
 
-    ledger = Repository.open(repo).ledger
-    ledger.get_run(run_name)
-    counts = ledger.counts(run_name)
-    click.echo(f"run {run_name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    for quantum in ledger.quanta(run_name, state="failed"):
-        click.echo(f"  failed visit {quantum.visit} detector {quantum.detector} "
-                   f"({quantum.error_kind}, {quantum.attempts} attempts): {quantum.reason}")
-    done = [q for q in ledger.quanta(run_name, state="done") if q.seconds is not None]
-    for quantum in sorted(done, key=lambda q: -q.seconds)[:slowest]:
-        click.echo(f"  slow visit {quantum.visit} detector {quantum.detector}: "
-                   f"{quantum.seconds:.1f} s, {quantum.qa.get('n_dia_sources', 0)} DIA sources")
+    from .repository import Repository
+    from .workflow.report import format_status, run_report
+
+    report = run_report(Repository.open(repo).ledger, run_name, slowest=slowest,
+                        threshold=sigma)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=1,
+                              default=str))
+    else:
+        click.echo(format_status(report))
+
+
+@main.command("rerun")
+@click.argument("repo", type=click.Path(file_okay=False))
+@click.option("--run", "run_name", required=True, help="The run whose quanta to rerun.")
+@click.option("--failed", is_flag=True, help="Rerun the failed quanta.")
+@click.option("--where", default=None,
+              help='Rerun the quanta matching ledger fields and QA figures, e.g. '
+                   '"noise_ratio > 1.2" (with --failed, both must hold).')
+@click.option("--set", "overrides", multiple=True, metavar="TASK.KEY=VALUE",
+              help="Config override, e.g. subtract.mode=convolveScience (repeatable; needs "
+                   "--into).")
+@click.option("--into", default=None,
+              help="Write to this new run (default: the same run); it stores the resolved "
+                   "config with the overrides.")
+@click.option("--cluster", default="local", show_default=True,
+              help="sync, local, tcp://HOST:PORT or slurm:PROFILE.")
+@click.option("--workers", type=int, default=None, help="Local workers or maximum Slurm jobs.")
+@click.option("--attempts", type=int, default=3, show_default=True,
+              help="Tries of a quantum that fails with a non-daskdiff error.")
+def rerun_command(repo: str, run_name: str, failed: bool, where: str | None,
+                  overrides: tuple[str, ...], into: str | None, cluster: str,
+                  workers: int | None, attempts: int) -> None:
+    """Rerun a selection of RUN's quanta in REPO, optionally with config overrides."""
+    from .repository import Repository
+    from .workflow.campaign import rerun_campaign
+
+    summary = rerun_campaign(Repository.open(repo), run=run_name, failed=failed, where=where,
+                             overrides=overrides, into=into, cluster=cluster, workers=workers,
+                             attempts=attempts,
+                             progress=lambda message: click.echo(message, err=True))
+    click.echo(summary.format())
+
+
+@main.command("report")
+@click.argument("repo", type=click.Path(file_okay=False))
+@click.option("--run", "runs", required=True, multiple=True,
+              help="A run to report (repeat to compare runs side by side).")
+@click.option("--output", "-o", type=click.Path(file_okay=False), default=None,
+              help="Directory for report.json and report.md (default: REPO/runs/RUN/report).")
+@click.option("--sigma", type=float, default=5.0, show_default=True,
+              help="QA outliers: robust standard deviations from the run's median.")
+def report_command(repo: str, runs: tuple[str, ...], output: str | None, sigma: float) -> None:
+    """Write a campaign report of one or more runs: counts, failures, timings, memory, QA."""
+    from .repository import Repository
+    from .workflow.report import write_report
+
+    repository = Repository.open(repo)
+    out = output or repository.root / "runs" / runs[0] / "report"
+    page = write_report(repository.ledger, runs, out, threshold=sigma)
+    click.echo(f"report: {page} (and {page.with_suffix('.json').name})")
 
 
 # subcommands from other modules

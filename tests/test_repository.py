@@ -489,6 +489,27 @@ def test_orphan_product_is_replaced(repo):
 # --------------------------------------------------------------------------------------------
 
 
+def test_ledger_batches_state_changes_in_one_transaction(repo):
+    ledger = repo.ledger
+    quanta = [(v, d) for v in range(40) for d in range(5)]
+    ledger.add_pending("batch", quanta)
+    running = ledger.set_states("batch", [{"visit": v, "detector": d, "state": "running"}
+                                          for v, d in quanta])
+    assert [(q.visit, q.detector, q.state, q.attempts) for q in running] == [
+        (v, d, "running", 1) for v, d in quanta]
+    ended = ledger.set_states("batch", [
+        {"visit": v, "detector": d, "state": "done", "qa": {"noise_ratio": 1.0 + v / 100},
+         "peak_memory": 2**20 * (v + 1), "worker": "w"} for v, d in quanta[:100]])
+    assert ended[5].qa == {"noise_ratio": 1.01} and ended[5].peak_memory == 2**21
+    assert ledger.get("batch", visit=0, detector=3) == ended[3]
+    # one forbidden transition: nothing of the batch is applied
+    with pytest.raises(InputError, match="cannot become 'running'"):
+        ledger.set_states("batch", [{"visit": 39, "detector": 4, "state": "done"},
+                                    {"visit": 0, "detector": 0, "state": "running"}])
+    assert ledger.get("batch", visit=39, detector=4).state == "running"
+    assert ledger.counts("batch")["done"] == 100 and ledger.set_states("batch", []) == []
+
+
 def test_ledger_transitions(repo):
     ledger = repo.ledger
     info = ledger.create_run("r1", config={"subtract": {"mode": "auto"}, "coaddName": "goodSeeing"})

@@ -8,50 +8,53 @@ worker, an I/O hiccup).
 
 :func:`run_campaign` builds the quanta from the registry, records them in the ledger, skips what
 is already final (so running it again resumes), and submits the rest in a bounded window of
-futures (back-pressure: a million-quantum campaign never becomes one giant graph). Every state
-change goes to the ledger as it happens.
+futures (back-pressure: a million-quantum campaign never becomes one giant graph), through the
+driver of :mod:`daskdiff.workflow.driver`; every state change goes to the ledger.
+
+:func:`rerun_campaign` runs a selection of a run's quanta again (the failed ones, or a
+``--where`` cut on ledger fields and QA figures such as ``noise_ratio``), in the same run or,
+with ``TASK.KEY=VALUE`` config overrides, into a new run that stores its resolved config.
 """
 
 from __future__ import annotations
 
 import ast
+import difflib
 import os
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import ConfigError, DaskdiffError
+import numpy as np
+import yaml
+
+from ..errors import ConfigError, DaskdiffError, InputError
 from ..ledger import error_state
 from .cluster import open_cluster
+from .driver import PeakMemory, QuantumFunction, QuantumResult, drive_quanta
 from .pipeline import Pipeline, parse_pipeline
 
 __all__ = [
     "CampaignSummary",
     "QuantumResult",
+    "apply_overrides",
+    "compile_selection",
+    "noise_ratio",
     "parse_where",
+    "rerun_campaign",
     "run_campaign",
     "run_quantum",
+    "select_quanta",
     "write_campaign_stamps",
 ]
 
 #: Quantum states a resumed campaign does not run again (besides deterministic failures).
 FINAL_STATES = ("done", "no-work")
 
-
-@dataclass
-class QuantumResult:
-    """What one quantum reports back to the driver."""
-
-    visit: int
-    detector: int
-    state: str
-    reason: str | None = None
-    error_kind: str | None = None
-    seconds: float = 0.0
-    n_dia_sources: int = 0
-    worker: str | None = None
-    qa: dict[str, Any] = field(default_factory=dict)
+#: Mask planes left out of the difference-image noise figure.
+NOISE_BAD_PLANES = ("NO_DATA", "BAD", "SAT", "EDGE", "CR", "INTRP", "DETECTED",
+                    "DETECTED_NEGATIVE", "SAT_TEMPLATE")
 
 
 @dataclass
@@ -66,6 +69,7 @@ class CampaignSummary:
     seconds: float
     n_dia_sources: int
     dashboard_link: str | None = None
+    peak_memory: int | None = None
 
     @property
     def throughput(self) -> float:
@@ -82,6 +86,8 @@ class CampaignSummary:
                  f"processed {self.processed} quanta in {self.seconds:.1f} s "
                  f"({self.throughput:.1f} per minute); skipped {self.skipped} already final",
                  f"DIA sources found: {self.n_dia_sources}"]
+        if self.peak_memory:
+            lines.append(f"peak memory of a quantum: {self.peak_memory / 2**20:.0f} MiB")
         for reason, count in sorted(self.failures.items(), key=lambda item: -item[1]):
             lines.append(f"  failed x{count}: {reason}")
         if self.dashboard_link:
@@ -89,13 +95,60 @@ class CampaignSummary:
         return "\n".join(lines)
 
 
+def noise_ratio(difference: Any) -> float:
+    """Return the measured over the expected noise of a difference image.
+
+    The robust standard deviation (1.4826 x MAD) of ``image / sqrt(variance)`` over pixels
+    with a positive variance and none of :data:`NOISE_BAD_PLANES`: 1 when the variance plane
+    describes the difference's noise, above 1 when the subtraction left structure or the
+    variance is underestimated. NaN for fewer than 100 usable pixels.
+    """
+    from ..exposure import get_mask_planes
+
+    planes = get_mask_planes(difference)
+    bits = np.uint32(planes.bitmask(*[n for n in NOISE_BAD_PLANES if n in planes]))
+    image = np.asarray(difference["image"].values, dtype=np.float64)
+    variance = np.asarray(difference["variance"].values, dtype=np.float64)
+    good = ((np.asarray(difference["mask"].values) & bits) == 0) & (variance > 0) & \
+        np.isfinite(image) & np.isfinite(variance)
+    if good.sum() < 100:
+        return float("nan")
+    z = image[good] / np.sqrt(variance[good])
+    return float(1.4826 * np.median(np.abs(z - np.median(z))))
+
+
+def _read_calexp(repo: Any, visit: int, detector: int) -> Any:
+    """Load a quantum's calexp; an unreadable file is an input error (not retried)."""
+    from ..exposure import load
+
+    try:
+        return load(repo.get_exposure("calexp", visit=visit, detector=detector))
+    except (DaskdiffError, OSError):  # OSError: maybe transient (file system), retried
+        raise
+    except Exception as error:
+        path = repo.path(repo.query("calexp", visit=visit, detector=detector)[0])
+        raise InputError(f"calexp visit={visit} detector={detector} at {path} is unreadable "
+                         f"({type(error).__name__}: {error}); replace the file, or leave the "
+                         "quantum out with --where") from error
+
+
 def run_quantum(root: str, pipeline: dict[str, Any], run: str, visit: int,
                 detector: int) -> QuantumResult:
     """Run the pipeline on one (visit, detector) and write its products.
 
     Deterministic daskdiff errors become ``no-work`` / ``failed`` results; any other error
-    propagates, so that the scheduler can retry the quantum on another worker.
+    propagates, so that the scheduler can retry the quantum on another worker. The result
+    carries the wall time, the worker process's peak memory during the quantum and the QA
+    figures (the subtraction's numeric metadata and :func:`noise_ratio`).
     """
+    with PeakMemory() as memory:
+        result = _run_quantum(root, pipeline, run, visit, detector)
+    result.peak_memory = memory.peak
+    return result
+
+
+def _run_quantum(root: str, pipeline: dict[str, Any], run: str, visit: int,
+                 detector: int) -> QuantumResult:
     import dask
 
     from ..detect import detect_and_measure
@@ -111,7 +164,7 @@ def run_quantum(root: str, pipeline: dict[str, Any], run: str, visit: int,
         with dask.config.set(scheduler="synchronous"):  # one quantum per worker thread
             repo = Repository.open(root)
             ids = {"run": run, "visit": visit, "detector": detector, "overwrite": True}
-            science = load(repo.get_exposure("calexp", visit=visit, detector=detector))
+            science = _read_calexp(repo, visit, detector)
             template = load(get_template(science, repo, config=spec.task("template").config))
             result = subtract(science, template, config=spec.task("subtract").config)
             difference, matched = load(result.difference), load(result.matched)
@@ -128,12 +181,76 @@ def run_quantum(root: str, pipeline: dict[str, Any], run: str, visit: int,
                              time.perf_counter() - start, worker=worker)
     qa = {key: value for key, value in result.metadata.items()
           if isinstance(value, int | float) and not isinstance(value, bool)}
+    qa["noise_ratio"] = noise_ratio(difference)
     n_real = sum(1 for flag in catalog.column("sky_source").to_pylist() if not flag)
     return QuantumResult(visit, detector, "done", seconds=time.perf_counter() - start,
                          n_dia_sources=n_real, worker=worker, qa=qa)
 
 
-_ALLOWED_NAMES = {"visit", "detector"}
+_ALLOWED_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub,
+                  ast.Compare, ast.Name, ast.Load, ast.Constant, ast.Tuple, ast.List, ast.Eq,
+                  ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn)
+
+
+def compile_selection(expression: str, names: Iterable[str], *, numbers: type | tuple = int,
+                      strings: bool = False) -> Callable[[Mapping[str, Any]], bool]:
+    """Compile a selection expression over named fields, without executing anything.
+
+    Parameters
+    ----------
+    expression : str
+        Comparisons (``<``, ``==``, ``in (...)``, ...) of field names with literals, joined
+        by ``and`` / ``or`` / ``not``, e.g. ``"noise_ratio > 1.2 and detector < 10"``.
+    names : iterable of str
+        The field names allowed.
+    numbers : type or tuple of types, optional
+        The numeric literal types allowed (``int``, or ``(int, float)``).
+    strings : bool, optional
+        Allow string literals (e.g. ``state == 'failed'``).
+
+    Returns
+    -------
+    callable
+        ``select(record)``: whether a mapping of field values is selected. A field missing
+        from the record is NaN, so a comparison with it is false.
+
+    Raises
+    ------
+    ConfigError
+        For a syntax error, an unknown name (with a suggestion) or a disallowed construct.
+    """
+    known = sorted(set(names))
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as error:
+        raise ConfigError(f"--where {expression!r}: not a valid expression ({error.msg})"
+                          ) from None
+    kinds = "numbers" + (" and strings" if strings else "")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id not in known:
+            guess = difflib.get_close_matches(node.id, known, n=1)
+            hint = f"did you mean {guess[0]!r}?" if guess else f"use {', '.join(known)}"
+            raise ConfigError(f"--where: unknown name {node.id!r}; {hint}")
+        if not isinstance(node, _ALLOWED_NODES):
+            raise ConfigError(f"--where {expression!r}: {type(node).__name__} is not allowed; "
+                              f"use comparisons of {', '.join(known)} with {kinds}")
+        if isinstance(node, ast.Constant):
+            ok = (isinstance(node.value, numbers) and not isinstance(node.value, bool)) or (
+                strings and isinstance(node.value, str))
+            if not ok:
+                raise ConfigError(f"--where: only {kinds} are allowed as values, got "
+                                  f"{node.value!r}")
+    code = compile(tree, "<where>", "eval")
+
+    def select(record: Mapping[str, Any]) -> bool:
+        values = {name: record.get(name) for name in known}
+        values = {k: float("nan") if v is None else v for k, v in values.items()}
+        try:
+            return bool(eval(code, {"__builtins__": {}}, values))
+        except TypeError:  # e.g. a string field compared with a number
+            return False
+
+    return select
 
 
 def parse_where(expression: str | None) -> Callable[[int, int], bool]:
@@ -149,42 +266,19 @@ def parse_where(expression: str | None) -> Callable[[int, int], bool]:
     """
     if not expression:
         return lambda visit, detector: True
-    try:
-        tree = ast.parse(expression, mode="eval")
-    except SyntaxError as error:
-        raise ConfigError(f"--where {expression!r}: not a valid expression ({error.msg})"
-                          ) from None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and node.id not in _ALLOWED_NAMES:
-            raise ConfigError(f"--where: unknown name {node.id!r}; use visit and detector")
-        allowed = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not,
-                   ast.Compare, ast.Name, ast.Load, ast.Constant, ast.Tuple, ast.List, ast.Eq,
-                   ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn, ast.USub)
-        if not isinstance(node, allowed):
-            raise ConfigError(f"--where {expression!r}: {type(node).__name__} is not allowed; "
-                              "use comparisons of visit and detector with integers")
-        if isinstance(node, ast.Constant) and not isinstance(node.value, int):
-            raise ConfigError(f"--where: only integer values are allowed, got {node.value!r}")
-    code = compile(tree, "<where>", "eval")
-
-    def select(visit: int, detector: int) -> bool:
-        return bool(eval(code, {"__builtins__": {}}, {"visit": visit, "detector": detector}))
-
-    return select
+    select = compile_selection(expression, ("visit", "detector"))
+    return lambda visit, detector: select({"visit": visit, "detector": detector})
 
 
-def _quanta(repo: Any, where: str | None) -> list[tuple[int, int]]:
+def _quanta(repo: Any, where: str | None,
+            given: Iterable[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
     select = parse_where(where)
-    found = {(int(r.data_id["visit"]), int(r.data_id["detector"]))
-             for r in repo.query("calexp", run=None)}
+    if given is None:
+        found = {(int(r.data_id["visit"]), int(r.data_id["detector"]))
+                 for r in repo.query("calexp", run=None)}
+    else:
+        found = {(int(v), int(d)) for v, d in given}
     return sorted(q for q in found if select(*q))
-
-
-def _record(ledger: Any, run: str, result: QuantumResult) -> None:
-    ledger.set_state(run, visit=result.visit, detector=result.detector, state=result.state,
-                     reason=result.reason, error_kind=result.error_kind,
-                     seconds=result.seconds, worker=result.worker,
-                     qa={**result.qa, "n_dia_sources": result.n_dia_sources})
 
 
 def run_campaign(
@@ -198,6 +292,9 @@ def run_campaign(
     attempts: int = 3,
     batch_size: int | None = None,
     progress: Callable[[str], None] | None = None,
+    quanta: Iterable[tuple[int, int]] | None = None,
+    quantum_function: QuantumFunction | None = None,
+    description: str | None = None,
 ) -> CampaignSummary:
     """Run a pipeline on every selected (visit, detector) of a repository.
 
@@ -222,6 +319,14 @@ def run_campaign(
         Quanta in flight at a time (default: 4 per worker).
     progress : callable, optional
         Called with progress messages (the dashboard link first).
+    quanta : iterable of (int, int), optional
+        The ``(visit, detector)`` to run instead of every calexp of the registry (still
+        filtered by ``where``); :func:`rerun_campaign` passes its selection here.
+    quantum_function : callable, optional
+        What runs one quantum (default :func:`run_quantum`); the driver benchmark plugs in
+        :func:`~daskdiff.workflow.driver.trivial_quantum`.
+    description : str, optional
+        Stored with a new run (e.g. where a rerun comes from).
 
     Returns
     -------
@@ -232,11 +337,12 @@ def run_campaign(
     say = progress or (lambda message: None)
     run = run or f"{pipeline.parameters['coaddName']}Diff"
     ledger = repo.ledger
-    ledger.create_run(run, config=pipeline.to_dict(), exist_ok=True)
-    quanta = _quanta(repo, where)
-    if not quanta:
-        raise ConfigError(f"no calexp matches --where {where!r} in {repo.root}")
-    ledger.add_pending(run, quanta)
+    ledger.create_run(run, config=pipeline.to_dict(), description=description, exist_ok=True)
+    selected = _quanta(repo, where, quanta)
+    if not selected:
+        what = "the given quanta" if quanta is not None else f"calexp in {repo.root}"
+        raise ConfigError(f"no {what} matches --where {where!r}")
+    ledger.add_pending(run, selected)
     final = {(q.visit, q.detector) for q in ledger.quanta(run, state=FINAL_STATES)}
     # deterministic failures stay failed (rerun them on purpose, with a reset); failures whose
     # retries ran out (lost workers, I/O) are tried again
@@ -248,83 +354,194 @@ def run_campaign(
             final.add((q.visit, q.detector))
     if transient:
         ledger.reset(run, states=("failed",), quanta=transient)
-    todo = [q for q in quanta if q not in final]
+    todo = [q for q in selected if q not in final]
+    del final
     document = pipeline.to_dict()
     start = time.perf_counter()
-    n_sources = 0
+    n_sources, peak = 0, None
     with open_cluster(cluster, workers=workers) as handle:
         if handle.dashboard_link:
             say(f"Dask dashboard: {handle.dashboard_link}")
-        say(f"run {run}: {len(todo)} quanta to process, {len(quanta) - len(todo)} already final")
-        for result in _execute(handle.client, todo, str(repo.root), document, run, ledger,
-                               attempts=attempts, batch_size=batch_size, workers=workers):
-            _record(ledger, run, result)
+        say(f"run {run}: {len(todo)} quanta to process, "
+            f"{len(selected) - len(todo)} already final")
+        window = batch_size or 4 * max(
+            len(handle.client.scheduler_info().get("workers", {})) if handle.client else 1,
+            workers or 1)
+        for result in drive_quanta(handle.client, todo, function=quantum_function or run_quantum,
+                                   root=str(repo.root), pipeline=document, run=run,
+                                   ledger=ledger, attempts=attempts, window=window):
             n_sources += result.n_dia_sources
-            say(f"visit {result.visit} detector {result.detector}: {result.state}"
-                + (f" ({result.reason})" if result.reason else "")
-                + f" in {result.seconds:.1f} s")
+            if result.peak_memory is not None:
+                peak = max(peak or 0, result.peak_memory)
+            if progress is not None:
+                say(f"visit {result.visit} detector {result.detector}: {result.state}"
+                    + (f" ({result.reason})" if result.reason else "")
+                    + f" in {result.seconds:.1f} s")
         link = handle.dashboard_link
     failures: dict[str, int] = {}
     for quantum in ledger.quanta(run, state="failed"):
         key = (quantum.reason or "unknown").split("\n")[0][:160]
         failures[key] = failures.get(key, 0) + 1
-    return CampaignSummary(run, ledger.counts(run), failures, len(quanta) - len(todo),
-                           len(todo), time.perf_counter() - start, n_sources, link)
+    return CampaignSummary(run, ledger.counts(run), failures, len(selected) - len(todo),
+                           len(todo), time.perf_counter() - start, n_sources, link, peak)
 
 
-def _execute(client: Any, todo: list[tuple[int, int]], root: str, document: dict[str, Any],
-             run: str, ledger: Any, *, attempts: int, batch_size: int | None,
-             workers: int | None) -> Iterable[QuantumResult]:
-    if client is None:  # --cluster sync: in this process, one quantum at a time
-        for visit, detector in todo:
-            ledger.set_state(run, visit=visit, detector=detector, state="running")
-            yield _attempt_locally(root, document, run, visit, detector, attempts)
-        return
-    from distributed import as_completed
+# --------------------------------------------------------------------------------------------
+# rerun
+# --------------------------------------------------------------------------------------------
 
-    window = batch_size or 4 * max(len(client.scheduler_info().get("workers", {})),
-                                   workers or 1)
-    pending = iter(todo)
-    futures = as_completed()
-    keys: dict[Any, tuple[int, int]] = {}
+#: Ledger fields a rerun selection can use besides the QA figures.
+LEDGER_FIELDS = ("visit", "detector", "state", "error_kind", "attempts", "seconds",
+                 "peak_memory")
 
-    def submit_next() -> bool:
-        quantum = next(pending, None)
-        if quantum is None:
-            return False
-        visit, detector = quantum
-        ledger.set_state(run, visit=visit, detector=detector, state="running")
-        future = client.submit(run_quantum, root, document, run, visit, detector,
-                               retries=attempts - 1, pure=False,
-                               key=f"quantum-{run}-{visit}-{detector}-{time.time_ns()}")
-        keys[future] = quantum
-        futures.add(future)
-        return True
 
-    for _ in range(window):
-        if not submit_next():
-            break
-    for future in futures:
-        visit, detector = keys.pop(future)
+def apply_overrides(document: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``TASK.KEY=VALUE`` overrides to a resolved pipeline document.
+
+    ``TASK`` is a task label (``subtract``, ``getTemplate``, ...), a stage name (``template``,
+    ``subtract``, ``detect``) or ``parameters``; ``VALUE`` is read as YAML (``3``, ``0.5``,
+    ``true``, ``[1, 2]``, ``convolveScience``). The result is validated by
+    :func:`~daskdiff.workflow.pipeline.parse_pipeline` by the caller.
+
+    Raises
+    ------
+    ConfigError
+        A malformed override or an unknown task (with a suggestion).
+    """
+    from .pipeline import STAGE_VARIANTS
+
+    data = yaml.safe_load(yaml.safe_dump(dict(document)))  # a deep copy
+    tasks = data.setdefault("tasks", {})
+    by_stage = {STAGE_VARIANTS[body["class"]][0]: label for label, body in tasks.items()
+                if body.get("class") in STAGE_VARIANTS}
+    for item in overrides:
+        target, sep, text = item.partition("=")
+        task, dot, key = target.strip().partition(".")
+        if not sep or not dot or not task or not key:
+            raise ConfigError(f"--set {item!r}: write TASK.KEY=VALUE, e.g. subtract.mode="
+                              "convolveScience or parameters.coaddName=deep")
         try:
-            yield future.result()
-        except Exception as error:  # retries exhausted: record and go on
-            state, kind, reason = error_state(error)
-            yield QuantumResult(visit, detector, state, reason, kind)
-        future.release()
-        submit_next()
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({error})"
+                              ) from None
+        if task == "parameters":
+            data.setdefault("parameters", {})[key] = value
+            continue
+        label = task if task in tasks else by_stage.get(task)
+        if label is None:
+            known = sorted(set(tasks) | set(by_stage) | {"parameters"})
+            guess = difflib.get_close_matches(task, known, n=1)
+            hint = f"did you mean {guess[0]!r}?" if guess else f"known: {known}"
+            raise ConfigError(f"--set {item!r}: unknown task {task!r}; {hint}")
+        if key == "class":
+            tasks[label]["class"] = value
+        else:
+            tasks[label].setdefault("config", {})[key] = value
+    return data
 
 
-def _attempt_locally(root: str, document: dict[str, Any], run: str, visit: int,
-                     detector: int, attempts: int) -> QuantumResult:
-    last: Exception | None = None
-    for _ in range(attempts):
-        try:
-            return run_quantum(root, document, run, visit, detector)
-        except Exception as error:  # retried like a lost worker
-            last = error
-    state, kind, reason = error_state(last or RuntimeError("no attempt was made"))
-    return QuantumResult(visit, detector, state, reason, kind)
+def select_quanta(ledger: Any, run: str, *, failed: bool = False,
+                  where: str | None = None) -> list[tuple[int, int]]:
+    """Return the ``(visit, detector)`` of a run's quanta that are failed and/or match ``where``.
+
+    ``where`` may use the ledger fields (:data:`LEDGER_FIELDS`) and every QA figure recorded
+    in the run (``noise_ratio``, ``n_dia_sources``, ``photometric_scale``, ...), with numbers
+    and strings, e.g. ``"noise_ratio > 1.2 or state == 'failed'"``.
+    """
+    records = list(ledger.quanta(run, state="failed" if failed else None))
+    if not where:
+        return [(q.visit, q.detector) for q in records]
+    names = set(LEDGER_FIELDS)
+    for quantum in ledger.quanta(run):
+        names.update(quantum.qa)
+    select = compile_selection(where, names, numbers=(int, float), strings=True)
+    return [(q.visit, q.detector) for q in records
+            if select({**q.qa, **{k: getattr(q, k) for k in LEDGER_FIELDS}})]
+
+
+def rerun_campaign(
+    repo: Any,
+    *,
+    run: str,
+    failed: bool = False,
+    where: str | None = None,
+    overrides: Iterable[str] = (),
+    into: str | None = None,
+    cluster: str = "local",
+    workers: int | None = None,
+    attempts: int = 3,
+    batch_size: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CampaignSummary:
+    """Run a selection of a run's quanta again, in the same run or, with overrides, a new one.
+
+    Parameters
+    ----------
+    repo : Repository
+        The repository.
+    run : str
+        The run whose quanta are selected; its stored configuration is the starting point.
+    failed : bool, optional
+        Select the failed quanta.
+    where : str, optional
+        Select by ledger fields and QA figures (see :func:`select_quanta`); with ``failed``,
+        both must hold.
+    overrides : iterable of str, optional
+        ``TASK.KEY=VALUE`` config changes (see :func:`apply_overrides`); they need ``into``.
+    into : str, optional
+        The run to write to (default: ``run`` itself). A new run stores the resolved config
+        with the overrides; running the same rerun again resumes it.
+    cluster, workers, attempts, batch_size, progress
+        As for :func:`run_campaign`.
+
+    Returns
+    -------
+    CampaignSummary
+        Of the rerun (an empty one when nothing is selected).
+
+    Raises
+    ------
+    ConfigError
+        No selection given, overrides without ``into``, an invalid override, or a target run
+        that exists with another configuration.
+    InputError
+        The run does not exist.
+    """
+    if not failed and not where:
+        raise ConfigError("choose what to rerun: --failed and/or --where EXPR "
+                          "(e.g. --where \"noise_ratio > 1.2\")")
+    ledger = repo.ledger
+    info = ledger.get_run(run)
+    if info.config is None:
+        raise ConfigError(f"run {run!r} has no stored pipeline configuration to rerun with")
+    overrides = list(overrides)
+    document = apply_overrides(info.config, overrides)
+    pipeline = parse_pipeline(document, source=f"run {run} with --set {overrides}"
+                              if overrides else f"run {run}")
+    target = into or run
+    if target == run and pipeline.to_dict() != parse_pipeline(info.config).to_dict():
+        raise ConfigError(f"config overrides change run {run!r}'s configuration; write the "
+                          "rerun into a new run with --into NEWRUN")
+    selection = select_quanta(ledger, run, failed=failed, where=where)
+    how = " and ".join(part for part in ("failed" if failed else "",
+                                          f"where {where}" if where else "") if part)
+    say = progress or (lambda message: None)
+    say(f"rerun of {run} ({how}): {len(selection)} quanta into run {target}")
+    if not selection:
+        return CampaignSummary(target, ledger.counts(target) if target == run else {}, {}, 0,
+                               0, 0.0, 0)
+    if target == run:
+        ledger.reset(run, states=("failed", "done", "no-work", "running"), quanta=selection)
+    else:
+        ledger.create_run(target, config=pipeline.to_dict(), exist_ok=True,
+                          description=f"rerun of {run} ({how})"
+                          + (f" with {' '.join(overrides)}" if overrides else ""))
+        ledger.add_pending(target, selection)
+        ledger.reset(target, states=("failed",), quanta=selection)
+    return run_campaign(pipeline, repo, run=target, cluster=cluster, workers=workers,
+                        attempts=attempts, batch_size=batch_size, progress=progress,
+                        quanta=selection)
 
 
 def write_campaign_stamps(repo: Any, pipeline: Pipeline, run: str, *, n_brightest: int = 20,
