@@ -57,8 +57,11 @@ def info(repo: str, as_json: bool) -> None:
               help="Tries of a quantum that fails with a non-daskdiff error.")
 @click.option("--stamps", "n_stamps", type=int, default=20, show_default=True,
               help="Write stamps of this many of the brightest DIA sources (0: none).")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="A progress bar (else one line per quantum).")
 def run_command(pipeline: str, repo: str, where: str | None, run_name: str | None,
-                cluster: str, workers: int | None, attempts: int, n_stamps: int) -> None:
+                cluster: str, workers: int | None, attempts: int, n_stamps: int,
+                progress: bool) -> None:
     """Run PIPELINE on every selected (visit, detector) of REPO; rerunning resumes."""
     from .repository import Repository
     from .workflow import load_pipeline
@@ -67,7 +70,7 @@ def run_command(pipeline: str, repo: str, where: str | None, run_name: str | Non
     spec = load_pipeline(pipeline)
     repository = Repository.open(repo)
     summary = run_campaign(spec, repository, run=run_name, where=where, cluster=cluster,
-                           workers=workers, attempts=attempts,
+                           workers=workers, attempts=attempts, progress_bar=progress,
                            progress=lambda message: click.echo(message, err=True))
     click.echo(summary.format())
     page = write_campaign_stamps(repository, spec, summary.run, n_brightest=n_stamps)

@@ -78,6 +78,13 @@ class MaskPlanes(Mapping[str, int]):
                 "Add it first with MaskPlanes.with_planes(name)."
             ) from None
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._planes
+
+    def get(self, name: str, default: int | None = None) -> int | None:
+        """Return the bit of plane ``name``, or ``default`` when there is no such plane."""
+        return self._planes.get(name, default)
+
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._planes, key=self._planes.get))
 

@@ -128,3 +128,11 @@ class TestErrors:
         assert type(copy) is AlgorithmError
         assert copy.metadata == {"n": 2, "required": 3}
         assert str(copy) == "too few kernel sources"
+
+
+def test_mask_planes_membership_and_get():
+    from daskdiff.masks import MaskPlanes
+
+    planes = MaskPlanes()
+    assert "SAT" in planes and "NO_SUCH_PLANE" not in planes
+    assert planes.get("NO_SUCH_PLANE") is None and planes.get("SAT") == planes["SAT"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import difflib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 from ..errors import ConfigError, DaskdiffError, InputError
 from ..ledger import error_state
@@ -295,6 +297,7 @@ def run_campaign(
     quanta: Iterable[tuple[int, int]] | None = None,
     quantum_function: QuantumFunction | None = None,
     description: str | None = None,
+    progress_bar: bool = False,
 ) -> CampaignSummary:
     """Run a pipeline on every selected (visit, detector) of a repository.
 
@@ -327,6 +330,9 @@ def run_campaign(
         :func:`~daskdiff.workflow.driver.trivial_quantum`.
     description : str, optional
         Stored with a new run (e.g. where a rerun comes from).
+    progress_bar : bool, optional
+        Show a progress bar on standard error (done, failed, DIA sources, throughput); the
+        per-quantum ``progress`` messages are then given for failures only.
 
     Returns
     -------
@@ -358,25 +364,38 @@ def run_campaign(
     del final
     document = pipeline.to_dict()
     start = time.perf_counter()
-    n_sources, peak = 0, None
+    n_sources, n_failed, peak = 0, 0, None
     with open_cluster(cluster, workers=workers) as handle:
         if handle.dashboard_link:
             say(f"Dask dashboard: {handle.dashboard_link}")
         say(f"run {run}: {len(todo)} quanta to process, "
             f"{len(selected) - len(todo)} already final")
-        window = batch_size or 4 * max(
-            len(handle.client.scheduler_info().get("workers", {})) if handle.client else 1,
-            workers or 1)
-        for result in drive_quanta(handle.client, todo, function=quantum_function or run_quantum,
-                                   root=str(repo.root), pipeline=document, run=run,
-                                   ledger=ledger, attempts=attempts, window=window):
-            n_sources += result.n_dia_sources
-            if result.peak_memory is not None:
-                peak = max(peak or 0, result.peak_memory)
-            if progress is not None:
-                say(f"visit {result.visit} detector {result.detector}: {result.state}"
-                    + (f" ({result.reason})" if result.reason else "")
-                    + f" in {result.seconds:.1f} s")
+        connected = len(handle.client.scheduler_info().get("workers", {})) if handle.client else 1
+        # an adaptive (Slurm) cluster starts with no worker and grows only while tasks wait:
+        # size the window for the most workers it can reach
+        window = batch_size or 4 * max(handle.max_workers or 0, connected, workers or 1)
+        bar = tqdm(total=len(todo), unit="quantum", disable=not progress_bar, file=sys.stderr,
+                   dynamic_ncols=True, mininterval=1.0, desc=run)
+        with bar:
+            for result in drive_quanta(handle.client, todo,
+                                       function=quantum_function or run_quantum,
+                                       root=str(repo.root), pipeline=document, run=run,
+                                       ledger=ledger, attempts=attempts, window=window):
+                n_sources += result.n_dia_sources
+                if result.peak_memory is not None:
+                    peak = max(peak or 0, result.peak_memory)
+                n_failed += result.state == "failed"
+                bar.update(1)
+                bar.set_postfix(failed=n_failed, dia_sources=n_sources, refresh=False)
+                if progress is not None and (not progress_bar or result.state == "failed"):
+                    message = (f"visit {result.visit} detector {result.detector}: "
+                               f"{result.state}"
+                               + (f" ({result.reason})" if result.reason else "")
+                               + f" in {result.seconds:.1f} s")
+                    if progress_bar:
+                        bar.write(message, file=sys.stderr)
+                    else:
+                        say(message)
         link = handle.dashboard_link
     failures: dict[str, int] = {}
     for quantum in ledger.quanta(run, state="failed"):
