@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from daskdiff import ConfigError, Repository, load_pipeline
@@ -13,6 +14,7 @@ from daskdiff.cli import main
 from daskdiff.simulate.campaign import simulate
 from daskdiff.simulate.presets import get_preset
 from daskdiff.workflow.campaign import parse_where, run_campaign
+from daskdiff.workflow.pipeline import parse_pipeline
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
@@ -304,3 +306,38 @@ def test_driver_on_a_local_cluster_groups_short_quanta(tmp_path):
                            quantum_function=trivial_quantum)
     assert summary.counts["done"] == 3000
     assert {q.attempts for q in repo.ledger.quanta("trivial")} == {1}
+
+
+def test_missing_template_inputs_fail_before_any_work(tiny, tmp_path):
+    repo = _copy(tiny, tmp_path)
+    document = yaml.safe_load((WORKFLOWS / "al.yaml").read_text())
+    document["parameters"]["coaddName"] = "deep"
+    with pytest.raises(ConfigError, match=r"no deepCoadd coadds.*goodSeeing"):
+        run_campaign(parse_pipeline(document), repo, cluster="sync")
+    document = yaml.safe_load((WORKFLOWS / "pair.yaml").read_text())
+    document["tasks"]["getTemplate"]["config"]["templateVisit"] = 4242
+    with pytest.raises(ConfigError, match=r"template visit 4242 .*not in"):
+        run_campaign(parse_pipeline(document), repo, cluster="sync")
+    assert repo.ledger.runs() == []  # no run was started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dcr", "pair"])
+def test_shipped_pipeline_on_a_local_cluster(tiny, tmp_path, name):
+    repo = _copy(tiny, tmp_path)
+    pipeline = load_pipeline(WORKFLOWS / f"{name}.yaml")
+    summary = run_campaign(pipeline, repo, cluster="local", workers=2)
+    counts = summary.counts
+    n_quanta = len(repo.query("calexp"))
+    assert counts["pending"] == counts["running"] == 0
+    assert counts["done"] + counts["no-work"] + counts["failed"] == n_quanta
+    assert counts["done"] >= 1
+    for quantum in repo.ledger.quanta(summary.run):
+        data_id = {"visit": quantum.visit, "detector": quantum.detector}
+        catalogs = repo.query(pipeline.dataset_name("diaSrc"), run=summary.run, **data_id)
+        if quantum.state == "done":
+            assert len(catalogs) == 1
+            for kind in ("difference", "template"):
+                assert repo.exists(pipeline.dataset_name(kind), run=summary.run, **data_id)
+        else:
+            assert catalogs == [] and quantum.reason

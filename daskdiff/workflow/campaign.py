@@ -283,6 +283,43 @@ def _quanta(repo: Any, where: str | None,
     return sorted(q for q in found if select(*q))
 
 
+def check_inputs(pipeline: Pipeline, repo: Any) -> None:
+    """Check that the repository holds what the pipeline's template stage reads.
+
+    That is the ``{coaddName}Coadd`` coadds, or the template visit or file; checked before any
+    work starts.
+
+    Raises
+    ------
+    ConfigError
+        What is missing, what the repository holds instead, and how to fix it.
+    """
+    from ..template import ExposureTemplateConfig
+
+    task = pipeline.task("template")
+    config = task.config
+    if isinstance(config, ExposureTemplateConfig):
+        if config.template_path is not None:
+            if not os.path.exists(config.template_path):
+                raise ConfigError(f"{pipeline.source}: the template file "
+                                  f"{config.template_path!r} ({task.label}.templatePath) does "
+                                  "not exist")
+            return
+        if not repo.query("calexp", visit=config.template_visit):
+            visits = repo.summary()["visits"]
+            raise ConfigError(f"{pipeline.source}: the template visit {config.template_visit} "
+                              f"({task.label}.templateVisit) is not in {repo.root}; its "
+                              f"visits are {visits[:10]}{' ...' if len(visits) > 10 else ''}")
+        return
+    dataset_type = f"{config.coadd_name}Coadd"
+    if not repo.query(dataset_type, run=None):
+        coadds = repo.summary()["coadd_names"]
+        raise ConfigError(f"{pipeline.source}: the repository {repo.root} has no {dataset_type} "
+                          f"coadds, which parameters.coaddName = {config.coadd_name!r} names; "
+                          f"it has {coadds or 'no coadds'}: set coaddName to one of them or "
+                          "make the coadds first")
+
+
 def run_campaign(
     pipeline: Pipeline,
     repo: Any,
@@ -342,6 +379,7 @@ def run_campaign(
         raise ConfigError(f"attempts must be >= 1, got {attempts}")
     say = progress or (lambda message: None)
     run = run or f"{pipeline.parameters['coaddName']}Diff"
+    check_inputs(pipeline, repo)
     ledger = repo.ledger
     ledger.create_run(run, config=pipeline.to_dict(), description=description, exist_ok=True)
     selected = _quanta(repo, where, quanta)
