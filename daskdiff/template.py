@@ -86,6 +86,10 @@ class GetTemplateConfig(StageConfig):
     warp_kernel: WarpKernel = Field("lanczos3", description="resampling kernel")
     interp_length: int = Field(50, ge=1, le=1000,
                                description="spacing (px) of exact WCS evaluations when warping")
+    conserve_flux: bool = Field(
+        True, description="scale warped pixels by the pixel-area ratio so that source fluxes "
+        "(and a constant photometric calibration) are preserved; false conserves surface "
+        "brightness (LSST's warping, where the calibration carries the pixel area)")
     high_variance_threshold: float = Field(4.0, ge=1.0,
                                            description="HIGH_VARIANCE above this x median")
     high_variance_mask_fraction: float = Field(
@@ -610,7 +614,7 @@ def assemble_template(
         merged = merge_exposures(group, region, tile_size=config.tile_size)
         warped.append(warp_exposure(merged, wcs, box, kernel=config.warp_kernel,
                                     interp_length=config.interp_length,
-                                    chunks=config.tile_size,
+                                    chunks=config.tile_size, conserve_flux=config.conserve_flux,
                                     select=None if owner is None else owner.selection(len(warped))))
         for patch in group:
             psf = get_psf(patch)
@@ -814,7 +818,8 @@ def exposure_template(science: xr.Dataset, template: xr.Dataset, *,
 
         psf = estimate_psf(template)
     warped = warp_exposure(template, wcs, box, kernel=config.warp_kernel,
-                           interp_length=config.interp_length, chunks=config.tile_size)
+                           interp_length=config.interp_length, chunks=config.tile_size,
+                           conserve_flux=config.conserve_flux)
     warped = high_variance_mask(warped, threshold=config.high_variance_threshold,
                                 mask_fraction=config.high_variance_mask_fraction,
                                 bin_size=config.high_variance_bin_size)

@@ -212,8 +212,8 @@ def _window_or(mask: np.ndarray, size: int) -> np.ndarray:
 def _warp_kernel(img: np.ndarray, var: np.ndarray, mask: np.ndarray, src_x0: int,
                  src_y0: int, grid_u: np.ndarray, grid_v: np.ndarray, gx0: int, gy0: int,
                  step: int, dst_x0: int, dst_y0: int, table: np.ndarray, half: int,
-                 nearest: bool, no_data: int, selected: np.ndarray, out_image: np.ndarray,
-                 out_variance: np.ndarray, out_mask: np.ndarray) -> None:
+                 nearest: bool, no_data: int, selected: np.ndarray, conserve_flux: bool,
+                 out_image: np.ndarray, out_variance: np.ndarray, out_mask: np.ndarray) -> None:
     """Resample one destination block (see the module docstring for the rules).
 
     ``img`` and ``var`` are the source image and variance, NaN where a pixel is not good
@@ -284,6 +284,20 @@ def _warp_kernel(img: np.ndarray, var: np.ndarray, mask: np.ndarray, src_x0: int
                 sum_i += wy[j] * row_i
                 sum_v += wy[j] * wy[j] * row_v
                 at += uwidth
+            if conserve_flux:  # source pixels per destination pixel, from the mapping's cell
+                col = cols[c]
+                tx = fx[c]
+                du_dx = ((1.0 - ty) * (grid_u[row, col + 1] - grid_u[row, col])
+                         + ty * (grid_u[row + 1, col + 1] - grid_u[row + 1, col])) / step
+                dv_dx = ((1.0 - ty) * (grid_v[row, col + 1] - grid_v[row, col])
+                         + ty * (grid_v[row + 1, col + 1] - grid_v[row + 1, col])) / step
+                du_dy = ((1.0 - tx) * (grid_u[row + 1, col] - grid_u[row, col])
+                         + tx * (grid_u[row + 1, col + 1] - grid_u[row, col + 1])) / step
+                dv_dy = ((1.0 - tx) * (grid_v[row + 1, col] - grid_v[row, col])
+                         + tx * (grid_v[row + 1, col + 1] - grid_v[row, col + 1])) / step
+                area = abs(du_dx * dv_dy - du_dy * dv_dx)
+                sum_i *= area
+                sum_v *= area * area
             bits = footprint[j0, i0]
             if np.isnan(sum_i) or np.isnan(sum_v):  # a bad pixel under the footprint
                 out_image[r, c] = 0.0
@@ -415,7 +429,8 @@ def mapping_error(mapping: PixelMapping, dest_wcs: Any, src_wcs: Any, *, n: int 
 def _warp_block(*chunks: np.ndarray, pieces: list[tuple[tuple[slice, slice], ...]],
                 src_box: Box, grid: tuple[np.ndarray, np.ndarray, int, int], step: int,
                 box: Box, kernel: str, bad_bits: int, no_data_bit: int,
-                selected: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                selected: np.ndarray | None, conserve_flux: bool = True,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Resample one destination block from the source chunks covering ``src_box``.
 
     ``chunks`` are the image chunks, then the variance chunks, then the mask chunks;
@@ -437,7 +452,7 @@ def _warp_block(*chunks: np.ndarray, pieces: list[tuple[tuple[slice, slice], ...
     _warp_kernel(img, var, mask, src_box.x0, src_box.y0, grid_u, grid_v, gx0, gy0, step,
                  box.x0, box.y0, _weight_table(kernel), KERNELS[kernel], kernel == "nearest",
                  1 << no_data_bit, np.zeros((0, 0), np.bool_) if selected is None else selected,
-                 out_image, out_variance, out_mask)
+                 conserve_flux, out_image, out_variance, out_mask)
     return out_image, out_variance, out_mask
 
 
@@ -451,6 +466,7 @@ def warp_exposure(
     chunks: int = DEFAULT_TILE_SIZE,
     bad_planes: tuple[str, ...] = ("NO_DATA",),
     select: Callable[[Box], np.ndarray] | None = None,
+    conserve_flux: bool = True,
 ) -> xr.Dataset:
     """Resample an exposure onto a destination WCS and pixel box (lazy, tile-parallel).
 
@@ -475,6 +491,12 @@ def warp_exposure(
         are needed; the others are not computed and come out NO_DATA (used when another input
         owns those pixels). It must depend only on the pixels' positions, not on the box, so
         that the result stays independent of the chunking.
+    conserve_flux : bool, optional
+        Multiply the image by the pixel-area ratio (the determinant of the mapping's
+        Jacobian, source pixels per destination pixel) and the variance by its square, so that
+        a source's total counts, and hence a spatially constant photometric calibration, are
+        preserved (default). ``False`` conserves surface brightness (pixel values), as LSST's
+        warping does where the calibration carries the pixel-area variation.
 
     Returns
     -------
@@ -512,7 +534,7 @@ def warp_exposure(
             if part.is_empty:
                 need = Box(need.x0, need.y0, 0, 0)
             blocks = _warp_tile(src_planes, src_full, need, mapping, box, kernel, bad_bits,
-                                no_data_bit, selected)
+                                no_data_bit, selected, conserve_flux)
             any_overlap |= not need.is_empty or select is not None
             for name in row:
                 row[name].append(blocks[name])
@@ -548,8 +570,8 @@ def _selection(select: Callable[[Box], np.ndarray] | None, box: Box
 
 
 def _warp_tile(planes: list[da.Array], src_full: Box, need: Box, mapping: PixelMapping, box: Box,
-               kernel: str, bad_bits: int, no_data_bit: int, selected: np.ndarray | None
-               ) -> dict[str, da.Array]:
+               kernel: str, bad_bits: int, no_data_bit: int, selected: np.ndarray | None,
+               conserve_flux: bool = True) -> dict[str, da.Array]:
     if need.is_empty:
         return {
             "image": constant(box.shape, 0.0, np.float32),
@@ -562,7 +584,8 @@ def _warp_tile(planes: list[da.Array], src_full: Box, need: Box, mapping: PixelM
                                       (np.float32, np.float32, np.uint32), pieces=pieces,
                                       src_box=need, grid=mapping.cells(box), step=mapping.step,
                                       box=box, kernel=kernel, bad_bits=bad_bits,
-                                      no_data_bit=no_data_bit, selected=selected)
+                                      no_data_bit=no_data_bit, selected=selected,
+                                      conserve_flux=conserve_flux)
     return {"image": image, "variance": variance, "mask": mask}
 
 

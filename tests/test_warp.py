@@ -51,7 +51,8 @@ def test_unknown_kernel():
 
 
 def test_smooth_field_is_interpolated_accurately():
-    warped = load(warp_exposure(_source(), DST_WCS, DST_BOX, chunks=256))
+    # a surface brightness: pixel values conserved
+    warped = load(warp_exposure(_source(), DST_WCS, DST_BOX, chunks=256, conserve_flux=False))
     xx, yy = np.meshgrid(DST_BOX.xs(), DST_BOX.ys())
     ra, dec = pixel_to_sky(DST_WCS, xx.ravel(), yy.ravel())
     u, v = sky_to_pixel(SRC_WCS, ra, dec)
@@ -139,3 +140,29 @@ def test_selected_pixels_only():
     for name in ("image", "variance", "mask"):
         np.testing.assert_array_equal(part[name].values[chosen], full[name].values[chosen])
     assert mask_of(part, "NO_DATA").values[~chosen].all()
+
+
+def _star_exposure(wcs, box, x, y, flux, *, sigma=2.0):
+    yy, xx = np.mgrid[box.y0:box.y1, box.x0:box.x1]
+    image = flux * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2)) / (2 * np.pi
+                                                                                * sigma**2)
+    return make_exposure(image, variance=np.ones(box.shape), wcs=wcs, x0=box.x0, y0=box.y0,
+                         chunks=None)
+
+
+def test_conserve_flux_preserves_source_counts_across_pixel_scales():
+    # the destination pixels are 5 % larger (0.21 vs 0.20 arcsec): a star keeps its counts
+    # with conserve_flux (the default), and keeps its peak surface brightness without
+    source = _star_exposure(SRC_WCS, Box(0, 0, 1000, 1000), 500.3, 499.6, 1.0e5, sigma=3.0)
+    ra, dec = pixel_to_sky(SRC_WCS, np.array([500.3]), np.array([499.6]))
+    x, y = sky_to_pixel(DST_WCS, ra, dec)
+    box = Box(int(x[0]) - 40, int(y[0]) - 40, 80, 80)
+    area = (0.21 / 0.20) ** 2
+    kept = load(warp_exposure(source, DST_WCS, box, chunks=128))
+    plain = load(warp_exposure(source, DST_WCS, box, chunks=128, conserve_flux=False))
+    assert kept["image"].values.sum() == pytest.approx(1.0e5, rel=2e-4)
+    assert plain["image"].values.sum() == pytest.approx(1.0e5 / area, rel=2e-4)
+    np.testing.assert_allclose(kept["image"].values, plain["image"].values * area, rtol=2e-3,
+                               atol=1e-6)
+    np.testing.assert_allclose(kept["variance"].values, plain["variance"].values * area**2,
+                               rtol=4e-3)
