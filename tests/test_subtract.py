@@ -11,6 +11,12 @@ from daskdiff.metadata import VisitInfo
 from daskdiff.subtract import AlardLuptonConfig, KernelSolution, subtract
 from daskdiff.subtract.basis import alard_lupton_basis, delta_function_basis, plan_basis
 from daskdiff.subtract.decorrelate import decorrelation_kernel
+from daskdiff.subtract.fit import (
+    CandidateSystems,
+    build_systems,
+    effective_count,
+    fit_kernel,
+)
 from daskdiff.subtract.kernel import chebyshev_terms, scaled_position
 
 from .scene import make_test_image
@@ -367,6 +373,42 @@ def test_too_few_sources_lowers_the_spatial_order():
     n_used = result.metadata["n_kernel_sources_used"]
     assert result.kernel.kernel_order < 3
     assert (result.kernel.kernel_order + 1) * (result.kernel.kernel_order + 2) // 2 * 5 <= n_used
+
+
+
+def test_effective_count_of_candidates():
+    assert effective_count(np.full(20, 3.0)) == pytest.approx(20.0)
+    assert effective_count(np.zeros(5)) == 0.0
+    # two S/N-400 stars and twenty S/N-20 ones (the demo field of issue #5): two candidates
+    snr = np.array([400.0, 400.0] + [20.0] * 20)
+    assert effective_count(snr**2) == pytest.approx(2.1, abs=0.01)
+
+
+def test_spatial_order_follows_the_effective_number_of_sources():
+    """Two dominant stars cannot fix a spatial gradient: the order drops to 0 (issue #5)."""
+    science, template, truth = _pair(2.4, 2.0, n_src=40)
+    half = 10
+    inner = ((truth["x"] > 12345 + 2 * half + 2) & (truth["x"] < 12345 + 256 - 2 * half - 2)
+             & (truth["y"] > 67890 + 2 * half + 2) & (truth["y"] < 67890 + 256 - 2 * half - 2))
+    xs, ys = np.round(truth["x"][inner]).astype(int), np.round(truth["y"][inner]).astype(int)
+    arrays = [{"image": e["image"].values, "variance": e["variance"].values,
+               "origin": (exposure_box(e).x0, exposure_box(e).y0)} for e in (science, template)]
+    basis = alard_lupton_basis((0.7, 1.4, 2.8), (4, 2, 2), 2 * half + 1)
+    systems = build_systems(arrays[0], arrays[1], xs, ys, basis, fit_background=True)
+    config = AlardLuptonConfig(spatial_kernel_order=1)
+    box = exposure_box(science)
+    even, _ = fit_kernel(systems, basis, box, config=config, convolved="template")
+    assert len(xs) >= 20 and even.kernel_order == 1
+    # the same candidates with two of them 400 times the weight (20x the S/N)
+    factor = np.ones(len(xs))
+    factor[:2] = 400.0
+    skewed = CandidateSystems(systems.x, systems.y, systems.normal * factor[:, None, None],
+                              systems.rhs * factor[:, None], systems.chi_normal,
+                              systems.chi_rhs, systems.chi_ss, systems.chi_sum_a,
+                              systems.chi_sum_s, systems.n_pix)
+    lopsided, _ = fit_kernel(skewed, basis, box, config=config, convolved="template")
+    assert lopsided.kernel_order == 0
+    assert lopsided.stats["n_effective_kernel"] < 3
 
 
 def test_delta_function_basis():

@@ -239,15 +239,32 @@ def _spatial_solve(systems: CandidateSystems, phi: np.ndarray, penalty: np.ndarr
     return theta, cond
 
 
-def _affordable_order(order: int, n_candidates: int, per_term: int) -> int:
+def _affordable_order(order: int, n_candidates: float, per_term: int) -> int:
     """Return the highest order <= ``order`` with ``per_term`` candidates per spatial term.
 
     A spatial polynomial with as many terms as candidates interpolates them exactly and is
     unconstrained in between (LSST only warns); lowering the order keeps the model determined.
+    ``n_candidates`` may be an effective (information-weighted) count,
+    :func:`effective_count`.
     """
     while order > 0 and n_terms(order) * per_term > n_candidates:
         order -= 1
     return order
+
+
+def effective_count(information: np.ndarray) -> float:
+    """Return the effective number of candidates, ``(sum w)^2 / sum w^2`` (Kish).
+
+    ``w`` is each candidate's weight in the spatial fit (the trace of its block of the normal
+    matrix, about ``(S/N)^2`` for the kernel). Kernel sources span S/N 10 to 500, a factor of
+    2500 in weight, so a field with two S/N-400 stars and twenty S/N-20 ones is, for the
+    spatial terms, a two-candidate fit: the gradients are then set by the faint stars' noise
+    and swing far off wherever the bright ones are not (issue #5: a 20 % ring around a bright
+    star 700 px from the two stars that carried the fit).
+    """
+    w = np.clip(np.asarray(information, dtype=float), 0.0, None)
+    total = float(w.sum())
+    return total**2 / float((w**2).sum()) if total > 0 else 0.0
 
 
 def _fail(message: str, counts: dict[str, int]) -> None:
@@ -306,11 +323,13 @@ def fit_kernel(systems: CandidateSystems, basis: np.ndarray, box: Box, *,
     for iteration in range(config.max_spatial_iterations + 1):
         if keep.sum() < config.min_kernel_sources:
             _fail("too few candidates survived the spatial clipping", counts)
-        n_keep, per_term = int(keep.sum()), config.min_sources_per_term
-        k_order = _affordable_order(config.spatial_kernel_order, n_keep, per_term)
-        b_order = None if bg_order is None else _affordable_order(bg_order, n_keep, per_term)
-        nt = n_terms(k_order)
+        per_term = config.min_sources_per_term
         sub = systems.subset(keep)
+        n_kernel = effective_count(np.trace(sub.normal[:, :nb, :nb], axis1=1, axis2=2))
+        k_order = _affordable_order(config.spatial_kernel_order, n_kernel, per_term)
+        b_order = None if bg_order is None else _affordable_order(
+            bg_order, effective_count(sub.normal[:, nb, nb]), per_term)
+        nt = n_terms(k_order)
         phi = _design_map(sub, nb, box, k_order, b_order)
         theta, cond = _spatial_solve(sub, phi, penalty, nb, nt)
         if iteration == config.max_spatial_iterations:
@@ -324,7 +343,8 @@ def fit_kernel(systems: CandidateSystems, basis: np.ndarray, box: Box, *,
         keep[np.flatnonzero(keep)[bad]] = False
     npar_k = 1 + (nb - 1) * nt
     counts.update(n_used=int(keep.sum()), n_rejected=int((~keep).sum()))
-    stats = {"condition_number": cond, **counts, "kernel_order_used": k_order,
+    stats = {"condition_number": cond, **counts, "n_effective_kernel": n_kernel,
+             "kernel_order_used": k_order,
              "bg_order_used": b_order if b_order is not None else -1}
     solution = KernelSolution(basis=basis, constant=float(theta[0]),
                           spatial=theta[1:npar_k].reshape(nb - 1, nt),
