@@ -41,26 +41,8 @@ if [ "$need_install" -eq 1 ]; then
         >/dev/null || die "apt-get install failed"
 fi
 
-# --- helpers: daemons are tracked by their pid files, checked against /proc/PID/comm ------
-running_pid() {  # running_pid PIDFILE NAME -> prints the pid if that daemon runs
-    local pidfile=$1 name=$2 pid
-    [ -f "$pidfile" ] || return 1
-    pid="$(tr -dc '0-9' <"$pidfile")"
-    [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] || return 1
-    [ "$(cat "/proc/$pid/comm")" = "$name" ] || return 1
-    echo "$pid"
-}
-
-stop_daemon() {  # stop_daemon PIDFILE NAME
-    local pid
-    pid="$(running_pid "$1" "$2")" || return 0
-    kill "$pid"
-    for _ in $(seq 1 150); do
-        [ -d "/proc/$pid" ] || return 0
-        sleep 0.1
-    done
-    die "$2 (pid $pid) did not stop"
-}
+# shellcheck source=deploy/slurm/daemons.sh
+source "$(dirname "${BASH_SOURCE[0]}")/daemons.sh"
 
 # --- 2. munge ----------------------------------------------------------------------------
 if [ ! -s /etc/munge/munge.key ]; then
