@@ -99,26 +99,16 @@ def significance_map(image: np.ndarray, variance: np.ndarray, smooth_var: np.nda
     Pixels with a non-finite value or a non-positive variance count as zero signal.
     """
     ny, nx = image.shape
-    half = kernel.size // 2
     temp = np.empty((ny, nx), np.float32)
     out = np.empty((ny, nx), np.float32)
     _correlate_rows(image, variance, kernel, temp)
-    acc = np.empty(nx, np.float32)
+    _correlate_columns(temp, kernel, out)
     for y in range(ny):
-        acc[:] = 0.0
-        for j in range(kernel.size):
-            source = y + j - half
-            if source < 0 or source >= ny:
-                continue
-            k = kernel[j]
-            row = temp[source]
-            for x in range(nx):
-                acc[x] += k * row[x]
         var_row = smooth_var[y]
         dest = out[y]
         for x in range(nx):
             sv = var_row[x]
-            dest[x] = acc[x] / np.sqrt(sv) if sv > 0 else np.float32(0.0)
+            dest[x] = dest[x] / np.sqrt(sv) if sv > 0 else np.float32(0.0)
     return out
 
 
@@ -289,62 +279,6 @@ def cosmic_ray_pixels(image: np.ndarray, variance: np.ndarray, usable: np.ndarra
                     out[y, x] = True
                     break
     return out
-
-
-@njit(cache=True, nogil=True)
-def adaptive_moments(image: np.ndarray, guess_sigma: float, max_iter: int,
-                     tol: float) -> tuple[float, float, float, bool]:
-    """Gaussian-weighted adaptive second moments ``(ixx, iyy, ixy, converged)`` of a stamp.
-
-    The algorithm of :func:`daskdiff.psf.measure.adaptive_shape` (weight covariance
-    ``M <- 2 Q`` with ``Q`` the weighted covariance, the centre following the weighted
-    centroid), compiled for the many small stamps of a catalog.
-    """
-    ny, nx = image.shape
-    xc = (nx - 1) / 2.0
-    yc = (ny - 1) / 2.0
-    mxx = guess_sigma * guess_sigma
-    myy = mxx
-    mxy = 0.0
-    for _ in range(max_iter):
-        det = mxx * myy - mxy * mxy
-        if not np.isfinite(det) or det <= 0:
-            break
-        norm = 0.0
-        sx = 0.0
-        sy = 0.0
-        sxx = 0.0
-        syy = 0.0
-        sxy = 0.0
-        for y in range(ny):
-            dy = y - yc
-            for x in range(nx):
-                dx = x - xc
-                arg = (myy * dx * dx - 2.0 * mxy * dx * dy + mxx * dy * dy) / det
-                w = np.exp(-0.5 * arg) * image[y, x]
-                norm += w
-                sx += w * dx
-                sy += w * dy
-                sxx += w * dx * dx
-                syy += w * dy * dy
-                sxy += w * dx * dy
-        if not np.isfinite(norm) or norm <= 0:
-            break
-        xn = xc + sx / norm
-        yn = yc + sy / norm
-        nxx = 2.0 * sxx / norm
-        nyy = 2.0 * syy / norm
-        nxy = 2.0 * sxy / norm
-        if nxx <= 0 or nyy <= 0 or nxx * nyy - nxy * nxy <= 0:
-            break
-        change = max(abs(nxx - mxx), abs(nyy - myy), abs(nxy - mxy)) / max(nxx, nyy)
-        shift = max(abs(xn - xc), abs(yn - yc))
-        mxx, myy, mxy, xc, yc = nxx, nyy, nxy, xn, yn
-        if not (0 <= xc < nx and 0 <= yc < ny) or mxx > nx * nx or myy > ny * ny:
-            break
-        if change < tol and shift < tol:
-            return mxx, myy, mxy, True
-    return np.nan, np.nan, np.nan, False
 
 
 @njit(cache=True, nogil=True)

@@ -14,7 +14,7 @@ import sep
 
 from ..box import Box
 from ..psf.base import stamp_box
-from ._compiled import adaptive_moments
+from ..psf.measure import adaptive_iterate
 
 __all__ = [
     "Centroid",
@@ -284,7 +284,7 @@ def second_moments(planes: Planes, x: float, y: float, *, sigma: float, sign: fl
     if bad_bits:
         good &= (planes.mask[sl] & bad_bits) == 0
     stamp = np.where(good, stamp, 0.0)
-    ixx, iyy, ixy, converged = adaptive_moments(stamp, float(sigma), 50, 1e-5)
+    _, _, ixx, iyy, ixy, converged = adaptive_iterate(stamp, float(sigma), 50, 1e-5)
     if not converged or not np.isfinite(ixx + iyy + ixy) or ixx <= 0 or iyy <= 0:
         return nan, nan, nan, True
     return float(ixx), float(iyy), float(ixy), False

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from ..errors import AlgorithmError, InputError
 
 __all__ = [
     "AdaptiveMoments",
+    "adaptive_iterate",
     "adaptive_moments",
     "adaptive_shape",
     "centroid",
@@ -107,42 +109,18 @@ def adaptive_shape(
     """
     image = _as_stamp(image)
     ny, nx = image.shape
-    yy, xx = np.mgrid[0:ny, 0:nx].astype(float)
-    xc, yc = (nx - 1) / 2.0, (ny - 1) / 2.0
-    s2 = (guess_sigma if guess_sigma is not None else min(3.0, min(nx, ny) / 4.0)) ** 2
-    mxx, myy, mxy = s2, s2, 0.0
-    for iteration in range(1, max_iter + 1):
-        det = mxx * myy - mxy * mxy
-        if not np.isfinite(det) or det <= 0:
-            break
+    s = guess_sigma if guess_sigma is not None else min(3.0, min(nx, ny) / 4.0)
+    xc, yc, mxx, myy, mxy, iterations = adaptive_iterate(image, float(s), int(max_iter),
+                                                         float(tol))
+    if iterations:
+        # weighted sum of a Gaussian of flux F, covariance C with weight covariance C:
+        # sum(w I) = F / (2 pi sqrt(det(2C))) * 2 pi sqrt(det C) = F / 2
+        yy, xx = np.mgrid[0:ny, 0:nx].astype(float)
         dx, dy = xx - xc, yy - yc
-        arg = (myy * dx * dx - 2.0 * mxy * dx * dy + mxx * dy * dy) / det
-        wimg = np.exp(-0.5 * arg) * image
-        norm = wimg.sum()
-        if not np.isfinite(norm) or norm <= 0:
-            break
-        xn = xc + (wimg * dx).sum() / norm
-        yn = yc + (wimg * dy).sum() / norm
-        qxx = (wimg * dx * dx).sum() / norm
-        qyy = (wimg * dy * dy).sum() / norm
-        qxy = (wimg * dx * dy).sum() / norm
-        nxx, nyy, nxy = 2.0 * qxx, 2.0 * qyy, 2.0 * qxy
-        if nxx <= 0 or nyy <= 0 or nxx * nyy - nxy * nxy <= 0:
-            break
-        change = max(abs(nxx - mxx), abs(nyy - myy), abs(nxy - mxy)) / max(nxx, nyy)
-        shift = max(abs(xn - xc), abs(yn - yc))
-        mxx, myy, mxy, xc, yc = nxx, nyy, nxy, xn, yn
-        if not (0 <= xc < nx and 0 <= yc < ny) or mxx > nx * nx or myy > ny * ny:
-            break
-        if change < tol and shift < tol:
-            # weighted sum of a Gaussian of flux F, covariance C with weight covariance C:
-            # sum(w I) = F / (2 pi sqrt(det(2C))) * 2 pi sqrt(det C) = F / 2
-            dx, dy = xx - xc, yy - yc
-            det = mxx * myy - mxy * mxy
-            arg = (myy * dx * dx - 2.0 * mxy * dx * dy + mxx * dy * dy) / det
-            flux = 2.0 * float((np.exp(-0.5 * arg) * image).sum())
-            return AdaptiveMoments(float(xc), float(yc), float(mxx), float(myy), float(mxy),
-                                   flux, iteration)
+        arg = (myy * dx * dx - 2.0 * mxy * dx * dy + mxx * dy * dy) / (mxx * myy - mxy * mxy)
+        flux = 2.0 * float((np.exp(-0.5 * arg) * image).sum())
+        return AdaptiveMoments(float(xc), float(yc), float(mxx), float(myy), float(mxy),
+                               flux, iterations)
     raise AlgorithmError(
         f"adaptive moments did not converge on a {ny} x {nx} stamp (last moments "
         f"{mxx:.4g}, {myy:.4g}, {mxy:.4g}); the stamp may hold no object, too little signal, "
@@ -344,3 +322,58 @@ def lanczos_shift(image: np.ndarray, dx: float, dy: float, *, order: int = 5) ->
         raise InputError(f"lanczos_shift needs a 2-D stamp, got shape {image.shape}")
     out = _shift_axis(image, float(dx), 1, order)
     return _shift_axis(out, float(dy), 0, order)
+
+
+@numba.njit(cache=True, nogil=True)
+def adaptive_iterate(image: np.ndarray, guess_sigma: float, max_iter: int, tol: float
+                     ) -> tuple[float, float, float, float, float, int]:
+    """Iterate Gaussian-weighted adaptive moments (see :func:`adaptive_shape`), compiled.
+
+    Returns ``(xc, yc, mxx, myy, mxy, iterations)``, with ``iterations`` 0 when the moments
+    diverge or do not converge in ``max_iter`` iterations.
+    """
+    ny, nx = image.shape
+    xc = (nx - 1) / 2.0
+    yc = (ny - 1) / 2.0
+    mxx = guess_sigma * guess_sigma
+    myy = mxx
+    mxy = 0.0
+    for iteration in range(1, max_iter + 1):
+        det = mxx * myy - mxy * mxy
+        if not np.isfinite(det) or det <= 0:
+            break
+        norm = 0.0
+        sx = 0.0
+        sy = 0.0
+        sxx = 0.0
+        syy = 0.0
+        sxy = 0.0
+        for y in range(ny):
+            dy = y - yc
+            for x in range(nx):
+                dx = x - xc
+                arg = (myy * dx * dx - 2.0 * mxy * dx * dy + mxx * dy * dy) / det
+                w = np.exp(-0.5 * arg) * image[y, x]
+                norm += w
+                sx += w * dx
+                sy += w * dy
+                sxx += w * dx * dx
+                syy += w * dy * dy
+                sxy += w * dx * dy
+        if not np.isfinite(norm) or norm <= 0:
+            break
+        xn = xc + sx / norm
+        yn = yc + sy / norm
+        nxx = 2.0 * sxx / norm
+        nyy = 2.0 * syy / norm
+        nxy = 2.0 * sxy / norm
+        if nxx <= 0 or nyy <= 0 or nxx * nyy - nxy * nxy <= 0:
+            break
+        change = max(abs(nxx - mxx), abs(nyy - myy), abs(nxy - mxy)) / max(nxx, nyy)
+        shift = max(abs(xn - xc), abs(yn - yc))
+        mxx, myy, mxy, xc, yc = nxx, nyy, nxy, xn, yn
+        if not (0 <= xc < nx and 0 <= yc < ny) or mxx > nx * nx or myy > ny * ny:
+            break
+        if change < tol and shift < tol:
+            return xc, yc, mxx, myy, mxy, iteration
+    return xc, yc, mxx, myy, mxy, 0
