@@ -42,18 +42,14 @@ def sim_result(tmp_path_factory):
     return repo, science, template, result, difference
 
 
-@pytest.mark.xfail(
-    reason="measured -0.60% to -0.69% (kernel sum 0.8560-0.8568 vs truth 0.8619, 5 kernel "
-    "stars). The pixels agree with the fit, not with the truth: aperture photometry of the "
-    "brightest kernel star (S/N 390, local sky from a 30-40 px annulus) gives science/template "
-    "= 0.981, 0.992, 0.993 x truth at r = 12, 16, 24 px. Not DCR, PSF variation, distortion or "
-    "pixel area (-0.60% with all four off); a 35-px kernel or a 4th, 8-px Gaussian make the fit "
-    "worse (-0.97%, -1.06%). Suspect: the simulator's rendering of the two images", strict=True)
 def test_photometric_scale_matches_truth(sim_result):
     _, science, template, result, _ = sim_result
     truth = (template.attrs["photo_calib"].njy_per_count
              / science.attrs["photo_calib"].njy_per_count)
-    assert abs(result.kernel.kernel_sum / truth - 1.0) < 0.005
+    # the raw kernel sum misses the Moffat wings beyond the kernel (about -0.7 % here); the
+    # photometric scale corrects it with the same fit on the PSF models (photoscale module)
+    assert abs(result.metadata["photometric_scale"] / truth - 1.0) < 0.005
+    assert result.metadata["kernel_sum_model"] < 1.0
 
 
 def test_blank_sky_noise_matches_variance(sim_result):

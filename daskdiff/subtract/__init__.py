@@ -37,6 +37,7 @@ from .convolve import convolve_exposure, convolve_plane
 from .decorrelate import decorrelation_kernel
 from .fit import build_systems, fit_kernel
 from .kernel import KernelSolution
+from .photoscale import model_kernel_sum
 from .sources import select_kernel_sources
 from .variance import clipped_mean, variance_scale_factor
 
@@ -354,6 +355,9 @@ def _subtract(science, template, sci, tmpl, sci_psf, tmpl_psf, config, sources, 
     solution, used = fit_kernel(systems, images, sbox, config=config, convolved=convolved)
     kernel_sources["used"] = used
     kappa = solution.kernel_sum
+    kappa_model = model_kernel_sum(sci_psf if mode == "convolveTemplate" else tmpl_psf,
+                                   tmpl_psf if mode == "convolveTemplate" else sci_psf, basis,
+                                   position=sbox.center, config=config)
 
     matched_full = convolve_exposure(reference_exp, solution,
                                      scale=kappa if mode == "convolveScience" else 1.0,
@@ -407,7 +411,8 @@ def _subtract(science, template, sci, tmpl, sci_psf, tmpl_psf, config, sources, 
         science_psf_fwhm=sci_size.fwhm, template_psf_fwhm=tmpl_size.fwhm,
         science_psf_sigma=sci_sigma, template_psf_sigma=tmpl_sigma,
         n_kernel_sources=len(kernel_sources), n_kernel_sources_used=int(used.sum()),
-        photometric_scale=kappa, flux_scale_factor=factor, **solution.report(), **decor_meta,
+        photometric_scale=kappa / kappa_model, kernel_sum_model=kappa_model,
+        flux_scale_factor=factor, **solution.report(), **decor_meta,
         **_limiting_magnitudes(science, template, sci, tmpl, sci_size, tmpl_size))
     return SubtractionResult(difference=difference, matched=matched, kernel=solution,
                              kernel_sources=kernel_sources, score=None, metadata=metadata)

@@ -33,7 +33,7 @@ def write_kernel(solution: KernelSolution, path: Path) -> None:
     """Write the kernel: the image at the box centre, then basis, coefficients and background."""
     cx, cy = solution.box.center
     header = fits.Header()
-    header["KSUM"] = (solution.kernel_sum, "kernel sum (photometric scale)")
+    header["KSUM"] = (solution.kernel_sum, "kernel sum (see photometric_scale in summary)")
     header["KORDER"] = (solution.kernel_order, "Chebyshev order of the kernel")
     header["BGORDER"] = (solution.bg_order, "Chebyshev order of the background")
     header["KCONST"] = (solution.constant, "coefficient of the first basis")
@@ -146,5 +146,6 @@ def subtract_command(science: str, template: str, outdir: str, mode: str | None,
     products = "difference.fits, matched.fits, kernel.fits, " + (
         "" if no_detect else f"diaSrc.parquet ({n_dia_sources} DIA sources), ") + "summary.json"
     click.echo(f"wrote {out}/: {products} "
-               f"(kernel sum {result.kernel.kernel_sum:.4f}, "
+               f"(kernel sum {result.kernel.kernel_sum:.4f}, photometric scale "
+               f"{result.metadata['photometric_scale']:.4f}, "
                f"{result.metadata['n_kernel_sources_used']} kernel sources)")

@@ -22,7 +22,8 @@ from .basis import SeparableBasis, laplacian_penalty
 from .config import AlardLuptonConfig
 from .kernel import KernelSolution, chebyshev_terms, n_terms, scaled_position
 
-__all__ = ["CandidateSystems", "build_systems", "fit_kernel"]
+__all__ = ["CandidateSystems", "build_systems", "fit_kernel", "regularisation_penalty",
+           "solve_candidates"]
 
 _BATCH = 64
 
@@ -183,13 +184,32 @@ def build_systems(target: dict[str, np.ndarray], reference: dict[str, np.ndarray
                             **arrays)
 
 
-def _solve_each(systems: CandidateSystems, penalty: np.ndarray | None) -> np.ndarray:
+def solve_candidates(systems: CandidateSystems, penalty: np.ndarray | None) -> np.ndarray:
+    """Return each candidate's own least-squares coefficients, ``(c, m)``.
+
+    ``penalty`` (``(m, m)``, or ``None``) is a regularisation matrix scaled by the mean diagonal
+    of each candidate's normal matrix (see :func:`regularisation_penalty`).
+    """
     normal = systems.normal
     if penalty is not None:
         scale = np.trace(normal, axis1=1, axis2=2) / normal.shape[1]
         normal = normal + scale[:, None, None] * penalty[None]
     ridge = 1e-12 * np.trace(normal, axis1=1, axis2=2)[:, None, None] * np.eye(normal.shape[1])
     return np.linalg.solve(normal + ridge, systems.rhs[..., None])[..., 0]
+
+
+def regularisation_penalty(basis: np.ndarray, n_unknowns: int, *, config: AlardLuptonConfig
+                           ) -> np.ndarray | None:
+    """Return the delta-function basis's Laplacian penalty on ``n_unknowns`` unknowns.
+
+    ``None`` for the Alard-Lupton basis or without regularisation.
+    """
+    if config.kernel_basis != "delta-function" or config.regularization <= 0:
+        return None
+    nb = basis.shape[0]
+    penalty = np.zeros((n_unknowns, n_unknowns))
+    penalty[:nb, :nb] = config.regularization * laplacian_penalty(basis.shape[-1])
+    return penalty
 
 
 def _clipped_stats(values: np.ndarray, *, nsigma: float = 3.0, n_iter: int = 3
@@ -292,10 +312,7 @@ def fit_kernel(systems: CandidateSystems, basis: np.ndarray, box: Box, *,
     """
     nb = basis.shape[0]
     bg_order = config.spatial_bg_order if config.fit_for_background else None
-    penalty = None
-    if config.kernel_basis == "delta-function" and config.regularization > 0:
-        penalty = np.zeros((systems.normal.shape[1],) * 2)
-        penalty[:nb, :nb] = config.regularization * laplacian_penalty(basis.shape[-1])
+    penalty = regularisation_penalty(basis, systems.normal.shape[1], config=config)
     counts = {"n_candidates": len(systems.x), "rejected_single": 0, "rejected_ksum": 0,
               "rejected_spatial": 0}
     keep = np.ones(len(systems.x), dtype=bool)
@@ -303,7 +320,7 @@ def fit_kernel(systems: CandidateSystems, basis: np.ndarray, box: Box, *,
         if keep.sum() < config.min_kernel_sources:
             _fail("too few candidates survived the single-kernel clipping", counts)
         sub = systems.subset(keep)
-        coeffs = _solve_each(sub, penalty)
+        coeffs = solve_candidates(sub, penalty)
         mean, std = sub.residual_stats(coeffs)
         bad = (np.abs(mean) > config.candidate_residual_mean_max) | (
             std > config.candidate_residual_std_max) | ~np.isfinite(std)
