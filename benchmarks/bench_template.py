@@ -2,9 +2,11 @@
 
 Builds coadd patches (4000 px inner + 100 px border, random noise, a Gaussian PSF) for the
 patches of two tracts that overlap the detector, in memory, then times ``assemble_template``
-(patch merge per tract, Lanczos-3 warp onto the detector, tract merge, HIGH_VARIANCE) computed
-with the synchronous scheduler (one core). The numba kernels are compiled (or loaded from
-numba's cache) by a small warm-up template first, timed separately. Reported: the best of
+(patch merge per tract, Lanczos-3 warp onto the detector, tract merge, HIGH_VARIANCE: all fused
+into one task per output tile, then the HIGH_VARIANCE flagging) computed with the synchronous
+scheduler (one core); ``finalize`` is dask's concatenation of the tiles into the loaded
+arrays. The numba kernels are compiled (or loaded from numba's cache) by a small warm-up
+template first, timed separately. Reported: the best of
 ``--repeats`` runs, wall and CPU seconds, the graph build and the compute, CPU seconds per
 task kind (from a dask callback) and the process's peak RSS increase during the first run.
 Run: ``.venv/bin/python benchmarks/bench_template.py [width height] [--repeats N]``.
@@ -38,9 +40,11 @@ STEPS = {
     "fill_cell": "cut/align tiles (regrid copies)",
     "regrid": "cut/align tiles (regrid copies)",
     "merge_block": "merge (patches per tract, then tracts)",
+    "template_tile": "fused tile (merge, warp, tract merge, bin medians)",
     "warp_block": "warp (Lanczos-3, image + variance + mask)",
     "bin_medians": "HIGH_VARIANCE (bin medians)",
     "flag_block": "HIGH_VARIANCE (flagging)",
+    "finalize": "concatenate tiles into the result (load)",
 }
 
 

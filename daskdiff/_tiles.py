@@ -22,7 +22,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .box import Box
 
-__all__ = ["call3", "call_keys", "chunk_pieces", "constant", "regrid", "tilewise3"]
+__all__ = ["call3", "call_keys", "chunk_pieces", "constant", "regrid", "tile_tasks", "tilewise3"]
 
 
 def _fill_cell(chunks: list[np.ndarray], src: list[tuple[slice, slice]],
@@ -223,3 +223,46 @@ def call3(func: Any, arrays: list[da.Array], shape: tuple[int, int],
             raise ValueError("call3 needs single-chunk arrays; rechunk them first")
     return call_keys(func, [(a.name, *(0,) * a.ndim) for a in arrays], arrays, shape, dtypes,
                      **kwargs)
+
+
+def tile_tasks(func: Any, calls: dict[tuple[int, int], tuple[list[Any], dict[str, Any]]],
+               dependencies: list[da.Array], outputs: list[tuple[tuple[tuple[int, ...], ...],
+                                                                 Any]]) -> list[da.Array]:
+    """Run ``func`` once per tile; each call returns one block of every output array.
+
+    Parameters
+    ----------
+    func : callable
+        ``func(*values of keys, **kwargs) -> tuple``, one block per output.
+    calls : dict
+        ``(i, j) -> (keys, kwargs)`` for every tile of the output grid: the chunk keys of the
+        ``dependencies`` whose values the call receives, and its keyword arguments.
+    dependencies : list of dask.array.Array
+        The arrays whose chunk keys the calls use.
+    outputs : list of (chunks, dtype)
+        The chunks and dtype of each output; output ``k`` has block ``(..., i, j)`` from item
+        ``k`` of call ``(i, j)`` (a leading axis of one chunk is allowed).
+
+    Returns
+    -------
+    list of dask.array.Array
+        The outputs; all the calls are one graph layer, each output one more.
+    """
+    token = uuid4().hex
+    holder_name = f"{_label(func)}-{token}"
+    dsk = {(holder_name, i, j): (partial(func, **kwargs), *keys)
+           for (i, j), (keys, kwargs) in calls.items()}
+    rows = 1 + max(i for i, _ in calls)
+    cols = 1 + max(j for _, j in calls)
+    holder = da.Array(HighLevelGraph.from_collections(holder_name, dsk,
+                                                      dependencies=dependencies),
+                      holder_name, ((1,) * rows, (1,) * cols), dtype=object,
+                      meta=np.empty((0, 0), object))
+    arrays = []
+    for k, (chunks, dtype) in enumerate(outputs):
+        name = f"{_label(func)}-{k}-{token}"
+        lead = (0,) * (len(chunks) - 2)
+        layer = {(name, *lead, i, j): (getitem, (holder_name, i, j), k) for (i, j) in calls}
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=[holder])
+        arrays.append(da.Array(graph, name, chunks, dtype=dtype))
+    return arrays

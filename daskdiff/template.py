@@ -12,7 +12,12 @@ Three variants (DESIGN §1), all returning a lazy exposure on the science box gr
   With ``tract_merge="nearest"`` (the default) each pixel takes the tract whose centre is
   nearest, and a tract is warped only where it owns pixels or is within one ownership sample
   (16 px) of them (its fallback band along the seam), so the warp costs about one detector.
-  The merges, the warp and HIGH_VARIANCE run in compiled (numba) loops.
+  The stages are fused: one task per output tile merges, for each tract it uses, the patch
+  pixels its warp needs straight into the warper's source buffers (the tract-level merge is
+  never materialised), warps them, merges the tracts and computes the tile's HIGH_VARIANCE
+  bin medians; a light second pass flags HIGH_VARIANCE. The result is the same as running
+  :func:`merge_exposures`, :func:`~daskdiff.warp.warp_exposure`, :func:`merge_exposures`
+  and :func:`high_variance_mask` in turn. All per-pixel loops are compiled (numba).
 - **GetDcrTemplate** (:class:`GetDcrTemplateConfig`): each patch is built from its DCR
   sub-filter coadds, each shifted by its differential chromatic refraction for the science
   visit (see :mod:`daskdiff.dcr`) and summed; then the same merge and warp.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from os import PathLike
 from typing import Any, Literal
 
@@ -38,7 +44,7 @@ import xarray as xr
 from pydantic import Field, model_validator
 from scipy import ndimage
 
-from ._tiles import regrid, tilewise3
+from ._tiles import chunk_pieces, regrid, tile_tasks, tilewise3
 from .box import Box
 from .config import StageConfig
 from .dcr import dcr_shifts, shift_image
@@ -56,8 +62,8 @@ from .exposure import (
 from .masks import combine
 from .metadata import PhotoCalib, VisitInfo
 from .psf.warped import CoaddPsf, WarpedPsf
-from .warp import KERNELS, warp_exposure
-from .wcs import local_jacobian, pixel_scale, pixel_to_sky, sky_polygon, sky_to_pixel
+from .warp import KERNELS, PixelMapping, _as_dask, _selection, resample_block, warp_exposure
+from .wcs import copy_wcs, local_jacobian, pixel_scale, pixel_to_sky, sky_polygon, sky_to_pixel
 
 __all__ = [
     "ExposureTemplateConfig",
@@ -197,7 +203,9 @@ class OwnerMap:
             part = near[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
             if part.all() or not part.any():
                 return np.broadcast_to(bool(part.all()), tile.shape)
-            return near[np.ix_(rows, cols)]
+            # rows and cols are runs of consecutive grid indices: repeat the samples
+            part = np.repeat(part, np.bincount(rows - rows[0]), axis=0)
+            return np.repeat(part, np.bincount(cols - cols[0]), axis=1)
 
         return select
 
@@ -210,15 +218,17 @@ def _merge_kernel(images: np.ndarray, variances: np.ndarray, masks: np.ndarray,
     """Merge ``n`` stacked inputs pixel by pixel (see :func:`merge_exposures`).
 
     With an owner map (``owner_rows`` not empty) a pixel takes its owner input if that is
-    good there, else the first good input; without, every good input.
+    good there, else the first good input; without, every good input. A pixel taken from
+    one input is that input's pixel (the weighted mean ``(w * x) / w`` of one value rounds
+    back to ``x`` in float32).
     """
     n, ny, nx = images.shape
     use_owner = owner_rows.size > 0
     for r in range(ny):
         for c in range(nx):
-            pick = -1
             if use_owner:
                 owner = owner_grid[owner_rows[r], owner_cols[c]]
+                pick = -1
                 for k in range(n):
                     value = variances[k, r, c]
                     if np.isfinite(images[k, r, c]) and np.isfinite(value) and value > 0:
@@ -227,13 +237,20 @@ def _merge_kernel(images: np.ndarray, variances: np.ndarray, masks: np.ndarray,
                             break
                         if pick < 0:
                             pick = k
+                if pick < 0:
+                    out_image[r, c] = 0.0
+                    out_variance[r, c] = 0.0
+                    out_mask[r, c] = no_data
+                else:
+                    out_image[r, c] = images[pick, r, c]
+                    out_variance[r, c] = variances[pick, r, c]
+                    out_mask[r, c] = masks[pick, r, c]
+                continue
             sum_w = 0.0
             sum_wi = 0.0
             sum_wv = 0.0
             bits = 0
             for k in range(n):
-                if use_owner and k != pick:
-                    continue
                 image = np.float64(images[k, r, c])
                 variance = np.float64(variances[k, r, c])
                 if not (np.isfinite(image) and np.isfinite(variance) and variance > 0):
@@ -253,21 +270,23 @@ def _merge_kernel(images: np.ndarray, variances: np.ndarray, masks: np.ndarray,
                 out_mask[r, c] = bits
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _single_kernel(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, no_data: int,
                    out_image: np.ndarray, out_variance: np.ndarray, out_mask: np.ndarray
                    ) -> None:
-    """:func:`_merge_kernel` for one input, bit for bit, without branches (vectorised)."""
+    """:func:`_merge_kernel` for one input, bit for bit, without branches (vectorised).
+
+    With one good input the weighted mean ``(w * x) / w`` is ``x`` to within 2**-52, which
+    rounds back to ``x`` in float32: good pixels are copied.
+    """
     ny, nx = image.shape
     for r in range(ny):
         for c in range(nx):
-            value = np.float64(image[r, c])
-            var = np.float64(variance[r, c])
+            value = image[r, c]
+            var = variance[r, c]
             good = np.isfinite(value) & np.isfinite(var) & (var > 0)
-            safe = var if good else 1.0
-            weight = 1.0 / np.sqrt(safe)
-            out_image[r, c] = (weight * value) / weight if good else 0.0
-            out_variance[r, c] = (weight * safe) / weight if good else 0.0
+            out_image[r, c] = value if good else np.float32(0.0)
+            out_variance[r, c] = var if good else np.float32(0.0)
             out_mask[r, c] = mask[r, c] if good else no_data
 
 
@@ -290,6 +309,18 @@ def _merge_block(*blocks: np.ndarray, indices: list[int], location: tuple[int, i
                        np.asarray(blocks[2], np.uint32), no_data, out_image, out_variance,
                        out_mask)
         return out_image, out_variance, out_mask
+    _merge_stacked(_stack(blocks[0::3], np.float32), _stack(blocks[1::3], np.float32),
+                   _stack(blocks[2::3], np.uint32), indices=indices, location=location,
+                   no_data=no_data, owner=owner, out=(out_image, out_variance, out_mask))
+    return out_image, out_variance, out_mask
+
+
+def _merge_stacked(images: np.ndarray, variances: np.ndarray, masks: np.ndarray, *,
+                   indices: list[int], location: tuple[int, int], no_data: int,
+                   owner: OwnerMap | None, out: tuple[np.ndarray, np.ndarray, np.ndarray]
+                   ) -> None:
+    """:func:`_merge_kernel` on stacked tiles of several inputs (see :func:`_merge_block`)."""
+    shape = images.shape[1:]
     if owner is None:
         grid = np.zeros((1, 1), np.int64)
         rows = cols = np.zeros(0, np.int64)
@@ -297,11 +328,9 @@ def _merge_block(*blocks: np.ndarray, indices: list[int], location: tuple[int, i
         grid = owner.grid.astype(np.int64, copy=False)
         rows = owner.rows(location[0], location[0] + shape[0])
         cols = owner.cols(location[1], location[1] + shape[1])
-    _merge_kernel(_stack(blocks[0::3], np.float32), _stack(blocks[1::3], np.float32),
-                  _stack(blocks[2::3], np.uint32), np.asarray(indices, np.int64), grid,
+    _merge_kernel(images, variances, masks, np.asarray(indices, np.int64), grid,
                   rows.astype(np.int64, copy=False), cols.astype(np.int64, copy=False),
-                  no_data, out_image, out_variance, out_mask)
-    return out_image, out_variance, out_mask
+                  no_data, *out)
 
 
 def merge_exposures(exposures: Sequence[xr.Dataset], box: Box, *,
@@ -368,6 +397,56 @@ def merge_exposures(exposures: Sequence[xr.Dataset], box: Box, *,
 
 
 @numba.njit(cache=True, nogil=True)
+def _partition_below(values: np.ndarray, low: int, high: int, pivot: float,
+                     or_equal: bool) -> int:
+    """Move the entries of ``values[low:high]`` below ``pivot`` (or equal) to the front.
+
+    Branch-free (Lomuto's scheme with an unconditional swap); returns where the rest starts.
+    """
+    store = low
+    for t in range(low, high):
+        value = values[t]
+        below = (value <= pivot) if or_equal else (value < pivot)
+        values[t] = values[store]
+        values[store] = value
+        store += below
+    return store
+
+
+@numba.njit(cache=True, nogil=True)
+def _select(values: np.ndarray, n: int, k: int) -> float:
+    """Return the ``k``-th smallest of ``values[:n]`` (reordering them); no NaNs."""
+    low, high = 0, n
+    while high - low > 1:
+        a, b, c = values[low], values[(low + high) // 2], values[high - 1]
+        pivot = max(min(a, b), min(max(a, b), c))  # median of three
+        split = _partition_below(values, low, high, pivot, False)
+        if k < split:
+            high = split
+        elif split > low:
+            low = split
+        else:  # nothing below the pivot: pull its copies in front (progress with ties)
+            equal = _partition_below(values, split, high, pivot, True)
+            if k < equal:
+                return pivot
+            low = equal
+    return values[low]
+
+
+@numba.njit(cache=True, nogil=True)
+def _median(values: np.ndarray, n: int) -> float:
+    """``np.median(values[:n])`` (the same value), by a branch-free quickselect."""
+    half = n // 2
+    upper = _select(values, n, half)
+    if n % 2:
+        return upper
+    lower = values[0]  # after the selection values[:half] hold the half smallest
+    for t in range(1, half):
+        lower = max(lower, values[t])
+    return (lower + upper) / 2
+
+
+@numba.njit(cache=True, nogil=True)
 def _bin_medians_kernel(variance: np.ndarray, mask: np.ndarray, ignore_bits: int, size: int,
                         medians: np.ndarray, counts: np.ndarray) -> None:
     ny, nx = variance.shape
@@ -383,7 +462,7 @@ def _bin_medians_kernel(variance: np.ndarray, mask: np.ndarray, ignore_bits: int
                         values[n] = value
                         n += 1
             counts[i, j] = n
-            medians[i, j] = np.median(values[:n]) if n > 0 else np.nan
+            medians[i, j] = _median(values, n) if n > 0 else np.nan
 
 
 def _bin_medians(variance: np.ndarray, mask: np.ndarray, ignore_bits: int, size: int
@@ -466,18 +545,25 @@ def high_variance_mask(exposure: xr.Dataset, *, threshold: float = 4.0,
     out_chunks = ((2,), *[tuple(-(-c // bin_size) for c in axis) for axis in variance.chunks])
     stats = da.map_blocks(_bin_medians, variance, mask, ignore, bin_size, dtype=float,
                           chunks=out_chunks, new_axis=0)
-    ys = da.arange(mask.shape[0], chunks=mask.chunks[0])
-    xs = da.arange(mask.shape[1], chunks=mask.chunks[1])
-    # every tile receives the whole (small) table of bin medians
-    flagged = da.blockwise(_flag_block, "ij", mask, "ij", ys, "i", xs, "j",
-                           stats.rechunk(-1), "kab",
-                           concatenate=True, dtype=np.uint32, size=bin_size,
-                           threshold=threshold, bit=planes["HIGH_VARIANCE"],
-                           fraction_required=mask_fraction, n_pixels=variance.size)
+    flagged = _flag_high_variance(mask, stats, planes["HIGH_VARIANCE"], threshold=threshold,
+                                  mask_fraction=mask_fraction, bin_size=bin_size)
     result = exposure.copy()
     result["mask"] = (("y", "x"), flagged.rechunk(exposure["mask"].data.chunks))
     result.attrs = dict(exposure.attrs)
     return result
+
+
+def _flag_high_variance(mask: da.Array, stats: da.Array, bit: int, *, threshold: float,
+                        mask_fraction: float, bin_size: int) -> da.Array:
+    """Flag HIGH_VARIANCE in ``mask`` from the bin statistics of its tiles (``stats``)."""
+    ys = da.arange(mask.shape[0], chunks=mask.chunks[0])
+    xs = da.arange(mask.shape[1], chunks=mask.chunks[1])
+    # every tile receives the whole (small) table of bin medians
+    return da.blockwise(_flag_block, "ij", mask, "ij", ys, "i", xs, "j",
+                        stats.rechunk(-1), "kab",
+                        concatenate=True, dtype=np.uint32, size=bin_size,
+                        threshold=threshold, bit=bit,
+                        fraction_required=mask_fraction, n_pixels=mask.size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,37 +684,9 @@ def assemble_template(
         raise NoWorkError(f"{where}: the template inputs cover {coverage:.1%} of the detector "
                           f"(minimum {config.min_coverage:.0%})",
                           metadata={"coverage": coverage})
-    half = KERNELS[config.warp_kernel]
     nearest = config.tract_merge == "nearest" and len(patches) > 1
     owner = _tract_owners(wcs, box, patches) if nearest else None
-    warped, components = [], []
-    for tract_id in sorted(patches):
-        group = list(patches[tract_id])
-        tract_wcs = require_wcs(group[0], what=f"tract {tract_id} patch")
-        union = Box(0, 0, 0, 0)
-        for patch in group:
-            union = union.union(exposure_box(patch))
-        region = _mapped_box(wcs, box, tract_wcs).grow(half + 5).intersection(union)
-        if region.is_empty:
-            continue
-        merged = merge_exposures(group, region, tile_size=config.tile_size)
-        warped.append(warp_exposure(merged, wcs, box, kernel=config.warp_kernel,
-                                    interp_length=config.interp_length,
-                                    chunks=config.tile_size, conserve_flux=config.conserve_flux,
-                                    select=None if owner is None else owner.selection(len(warped))))
-        for patch in group:
-            psf = get_psf(patch)
-            if psf is None:
-                raise InputError(f"{where}: a coadd patch of tract {tract_id} has no PSF model")
-            valid = _mapped_box(tract_wcs, exposure_box(patch), wcs).intersection(box)
-            if not valid.is_empty:
-                components.append((WarpedPsf(psf, tract_wcs, wcs, box), valid))
-    if not warped:
-        raise NoWorkError(f"{where}: no patches found to overlap the science exposure")
-    template = merge_exposures(warped, box, tile_size=config.tile_size, owner=owner)
-    template = high_variance_mask(template, threshold=config.high_variance_threshold,
-                                  mask_fraction=config.high_variance_mask_fraction,
-                                  bin_size=config.high_variance_bin_size)
+    template, components = _fused_template(wcs, box, patches, owner, config, where)
     template.attrs.update(
         wcs=wcs, psf=CoaddPsf(components, box), photo_calib=calib,
         visit_info=_template_visit_info(info, everything),
@@ -662,6 +720,313 @@ def _tract_owners(wcs: Any, box: Box, patches: Mapping[int, Sequence[xr.Dataset]
         distance[k] = np.where(covered, np.arccos(np.clip(cos_d, -1, 1)), np.inf)
     grid = np.where(np.isfinite(distance).any(axis=0), np.argmin(distance, axis=0), -1)
     return OwnerMap(grid.reshape(gx.shape), box, step)
+
+
+# --------------------------------------------------------------------------------------------
+# fused assembly: patch merge, warp, tract merge and HIGH_VARIANCE statistics per output tile
+# --------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _accumulate_kernel(image: np.ndarray, variance: np.ndarray, mask: np.ndarray,
+                       strides: tuple[int, int, int], row0: int, col0: int, ny: int, nx: int,
+                       count: np.ndarray, bad_bits: int, no_data: int, sum_w: np.ndarray,
+                       sum_wi: np.ndarray, sum_wv: np.ndarray, bits: np.ndarray) -> None:
+    """Merge one input into the warper's source buffers (see :func:`_finalise_kernel`).
+
+    The input is ``ny`` rows of ``nx`` pixels, ``strides`` apart in the flat arrays (see
+    :func:`_flat_rows`), placed at ``[row0:, col0:]`` of the buffers. Where it is the only
+    input (``count == 1``) the merge is the input itself (with one input the weighted mean
+    ``(w * x) / w`` rounds back to ``x`` in float32), prepared at once as
+    :func:`daskdiff.warp._sanitise_into` does; elsewhere its good pixels are added to the
+    weighted sums of :func:`_merge_kernel` (``sum_wi`` and ``sum_wv`` are the image and
+    variance buffers).
+    """
+    for r in range(ny):
+        at_i = r * strides[0]
+        at_v = r * strides[1]
+        at_m = r * strides[2]
+        out = row0 + r
+        for c in range(nx):
+            value = np.float64(image[at_i + c])
+            var = np.float64(variance[at_v + c])
+            good = np.isfinite(value) & np.isfinite(var) & (var > 0)
+            place = col0 + c
+            if count[out, place] == 1:
+                bit = mask[at_m + c] if good else np.uint32(no_data)
+                usable = good & ((bit & bad_bits) == 0)
+                sum_wi[out, place] = value if usable else np.nan
+                sum_wv[out, place] = var if usable else np.nan
+                bits[out, place] = bit
+            elif good:
+                weight = 1.0 / np.sqrt(var)
+                sum_w[out, place] += weight
+                sum_wi[out, place] += weight * value
+                sum_wv[out, place] += weight * var
+                bits[out, place] |= mask[at_m + c]
+
+
+def _flat_rows(array: np.ndarray, dtype: Any) -> tuple[np.ndarray, int]:
+    """Return a 2-D array's rows as one contiguous 1-D array and the row stride (elements).
+
+    A view with contiguous rows (a chunk cut from a larger array) is not copied.
+    """
+    array = np.asarray(array, dtype)
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        return np.zeros(0, dtype), 0
+    if array.strides[1] != array.itemsize or array.strides[0] % array.itemsize:
+        array = np.ascontiguousarray(array)
+    stride = array.strides[0] // array.itemsize
+    span = (array.shape[0] - 1) * stride + array.shape[1]
+    flat = np.lib.stride_tricks.as_strided(array, shape=(span,), strides=(array.itemsize,),
+                                           writeable=False)
+    return flat, stride
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _finalise_kernel(count: np.ndarray, sum_w: np.ndarray, sum_wi: np.ndarray,
+                     sum_wv: np.ndarray, bits: np.ndarray, no_data: int, bad_bits: int) -> None:
+    """Turn the weighted sums into the warper's source buffers, in place.
+
+    Only where no input (NO_DATA) or several inputs (``count != 1``) cover a pixel: the merged
+    pixel is rounded to float32 (the merged exposure's type), then prepared as
+    :func:`daskdiff.warp._sanitise_into` does, NaN in ``sum_wi`` and ``sum_wv`` where it is
+    not good.
+    """
+    ny, nx = sum_w.shape
+    for r in range(ny):
+        for c in range(nx):
+            if count[r, c] == 1:
+                continue
+            weight = sum_w[r, c]
+            if weight == 0:
+                bits[r, c] = no_data
+                good = False
+                image = np.float32(0.0)
+                var = np.float32(0.0)
+            else:
+                image = np.float32(sum_wi[r, c] / weight)
+                var = np.float32(sum_wv[r, c] / weight)
+                good = (np.isfinite(image) and np.isfinite(var) and var >= 0
+                        and (bits[r, c] & bad_bits) == 0)
+            if good:
+                sum_wi[r, c] = image
+                sum_wv[r, c] = var
+            else:
+                sum_wi[r, c] = np.nan
+                sum_wv[r, c] = np.nan
+
+
+@dataclass(frozen=True, eq=False)
+class _Tract:
+    """One tract's inputs to the fused assembly (patches on the tract grid)."""
+
+    index: int
+    boxes: list[Box]
+    planes: list[list[da.Array]]
+    region: Box
+    mapping: PixelMapping
+    mask_planes: Any
+    select: Any
+
+
+@dataclass(frozen=True, eq=False)
+class _TileSource:
+    """What one tile needs from one tract: the merged source box and where its chunks go."""
+
+    index: int
+    need: Box
+    boxes: list[Box]
+    pieces: list[list[tuple[tuple[slice, slice], ...]]]
+    grid: tuple[np.ndarray, np.ndarray, int, int]
+    selected: np.ndarray | None
+
+
+def _source_planes(patch: xr.Dataset) -> list[da.Array]:
+    planes = [_as_dask(patch[name].data) for name in ("image", "variance", "mask")]
+    return [p if p.chunks == planes[0].chunks else p.rechunk(planes[0].chunks) for p in planes]
+
+
+def _warp_tract(chunks: Sequence[np.ndarray], source: _TileSource, tract: dict[str, Any],
+                box: Box, *, kernel: str, conserve_flux: bool,
+                out: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """Merge the tract's patches on ``source.need`` and warp them onto ``box`` (into ``out``)."""
+    need = source.need
+    count = np.zeros(need.shape, np.uint8)
+    for patch_box in source.boxes:
+        part = patch_box.intersection(need)
+        count[part.y0 - need.y0:part.y1 - need.y0, part.x0 - need.x0:part.x1 - need.x0] += 1
+    sum_w = np.zeros(need.shape)
+    image = np.zeros(need.shape)
+    variance = np.zeros(need.shape)
+    bits = np.zeros(need.shape, np.uint32)
+    at = 0
+    for pieces in source.pieces:
+        n = len(pieces)
+        for k, (src, dst) in enumerate(pieces):
+            image_rows, image_stride = _flat_rows(chunks[at + k][src], np.float32)
+            variance_rows, variance_stride = _flat_rows(chunks[at + n + k][src], np.float32)
+            mask_rows, mask_stride = _flat_rows(chunks[at + 2 * n + k][src], np.uint32)
+            _accumulate_kernel(image_rows, variance_rows, mask_rows,
+                               (image_stride, variance_stride, mask_stride), dst[0].start,
+                               dst[1].start, dst[0].stop - dst[0].start,
+                               dst[1].stop - dst[1].start, count, tract["bad_bits"],
+                               tract["no_data"], sum_w, image, variance, bits)
+        at += 3 * n
+    _finalise_kernel(count, sum_w, image, variance, bits, tract["no_data"], tract["bad_bits"])
+    resample_block(image, variance, bits, need, source.grid, tract["step"], box,
+                   kernel=kernel, no_data_bit=tract["no_data_bit"], selected=source.selected,
+                   conserve_flux=conserve_flux, out=out)
+
+
+def _template_tile(*chunks: np.ndarray, sources: list[_TileSource],
+                   tracts: dict[int, dict[str, Any]], box: Box, location: tuple[int, int],
+                   kernel: str, conserve_flux: bool, no_data: int, owner: OwnerMap | None,
+                   stats: tuple[int, int] | None) -> tuple[np.ndarray, ...]:
+    """One output tile of the template: per tract merge and warp, then the tract merge.
+
+    Returns the image, variance and (not yet HIGH_VARIANCE-flagged) mask, and the tile's
+    HIGH_VARIANCE bin statistics (``stats = (ignore bits, bin size)``; empty without).
+    """
+    n = len(sources)
+    images = np.empty((n, *box.shape), np.float32)
+    variances = np.empty((n, *box.shape), np.float32)
+    masks = np.empty((n, *box.shape), np.uint32)
+    at = 0
+    for k, source in enumerate(sources):
+        if source.need.is_empty:
+            images[k] = 0.0
+            variances[k] = 0.0
+            masks[k] = tracts[source.index]["no_data_bit_value"]
+            continue
+        used = 3 * sum(len(p) for p in source.pieces)
+        _warp_tract(chunks[at:at + used], source, tracts[source.index], box,
+                    kernel=kernel, conserve_flux=conserve_flux,
+                    out=(images[k], variances[k], masks[k]))
+        at += used
+    if n == 1:  # owner or not, a pixel takes the input where it is good (in place)
+        image, variance, mask = images[0], variances[0], masks[0]
+        _single_kernel(image, variance, mask, no_data, image, variance, mask)
+    else:
+        image = np.empty(box.shape, np.float32)
+        variance = np.empty(box.shape, np.float32)
+        mask = np.empty(box.shape, np.uint32)
+        _merge_stacked(images, variances, masks, indices=[s.index for s in sources],
+                       location=location, no_data=no_data, owner=owner,
+                       out=(image, variance, mask))
+    if stats is None:
+        return image, variance, mask, np.empty((2, 0, 0))
+    return image, variance, mask, _bin_medians(variance, mask, stats[0], stats[1])
+
+
+def _fused_template(wcs: Any, box: Box, patches: Mapping[int, Sequence[xr.Dataset]],
+                    owner: OwnerMap | None, config: GetTemplateConfig, where: str
+                    ) -> tuple[xr.Dataset, list[tuple[WarpedPsf, Box]]]:
+    """Build the template's planes, one task per output tile, and its PSF components.
+
+    Equivalent to merging each tract's patches (:func:`merge_exposures` on the part of the
+    tract grid the box needs), warping each merge (:func:`~daskdiff.warp.warp_exposure`),
+    merging the tracts (with ``owner``) and :func:`high_variance_mask`, without materialising
+    the intermediate exposures: each tile task merges the patch pixels it resamples straight
+    into the warper's source buffers and warps only the tracts it uses.
+    """
+    half = KERNELS[config.warp_kernel]
+    tracts: list[_Tract] = []
+    components: list[tuple[WarpedPsf, Box]] = []
+    for index, tract_id in enumerate(sorted(patches)):
+        group = list(patches[tract_id])
+        tract_wcs = require_wcs(group[0], what=f"tract {tract_id} patch")
+        boxes = [exposure_box(patch) for patch in group]
+        union = Box(0, 0, 0, 0)
+        for patch_box in boxes:
+            union = union.union(patch_box)
+        region = _mapped_box(wcs, box, tract_wcs).grow(half + 5).intersection(union)
+        if region.is_empty:
+            continue
+        mapping = PixelMapping.from_wcs(copy_wcs(wcs), box, copy_wcs(tract_wcs),
+                                        interp_length=config.interp_length)
+        tracts.append(_Tract(index, boxes, [_source_planes(p) for p in group], region, mapping,
+                             combine(get_mask_planes(p) for p in group),
+                             None if owner is None else owner.selection(index)))
+        for patch, patch_box in zip(group, boxes, strict=True):
+            psf = get_psf(patch)
+            if psf is None:
+                raise InputError(f"{where}: a coadd patch of tract {tract_id} has no PSF model")
+            valid = _mapped_box(tract_wcs, patch_box, wcs).intersection(box)
+            if not valid.is_empty:
+                components.append((WarpedPsf(psf, tract_wcs, wcs, box), valid))
+    if not tracts:
+        raise NoWorkError(f"{where}: no patches found to overlap the science exposure")
+    planes = combine(t.mask_planes for t in tracts)
+    constants = {t.index: {"no_data": int(1 << t.mask_planes["NO_DATA"]),
+                           "bad_bits": int(t.mask_planes.bitmask("NO_DATA")),
+                           "no_data_bit": t.mask_planes["NO_DATA"],
+                           "no_data_bit_value": int(1 << t.mask_planes["NO_DATA"]),
+                           "step": t.mapping.step} for t in tracts}
+    near = {t.index: owner.near(t.index) for t in tracts} if owner is not None else {}
+    tile = config.tile_size
+    bin_size = config.high_variance_bin_size
+    fused_stats = tile % bin_size == 0
+    stats = (int(planes.bitmask(*HIGH_VARIANCE_IGNORE)), bin_size) if fused_stats else None
+    x_edges = [*range(box.x0, box.x1, tile), box.x1]
+    y_edges = [*range(box.y0, box.y1, tile), box.y1]
+    calls: dict[tuple[int, int], tuple[list[Any], dict[str, Any]]] = {}
+    overlaps = dict.fromkeys(t.index for t in tracts if t.select is None)
+    for i, (ya, yb) in enumerate(pairwise(y_edges)):
+        for j, (xa, xb) in enumerate(pairwise(x_edges)):
+            tile_box = Box.from_bounds(xa, ya, xb, yb)
+            location = (ya - box.y0, xa - box.x0)
+            used = tracts
+            if owner is not None:
+                rows = owner.rows(location[0], location[0] + tile_box.height)
+                cols = owner.cols(location[1], location[1] + tile_box.width)
+                used = [t for t in tracts if near[t.index][rows[0]:rows[-1] + 1,
+                                                           cols[0]:cols[-1] + 1].any()] or tracts
+            keys: list[Any] = []
+            sources = []
+            for tract in used:
+                selected, part = _selection(tract.select, tile_box)
+                need = tract.mapping.source_box(part, margin=half).intersection(tract.region)
+                if part.is_empty or need.is_empty:
+                    sources.append(_TileSource(tract.index, Box(0, 0, 0, 0), [], [], (), None))
+                    continue
+                overlaps.pop(tract.index, None)
+                pieces, boxes = [], []
+                for patch_box, patch_planes in zip(tract.boxes, tract.planes, strict=True):
+                    if not patch_box.overlaps(need):
+                        continue
+                    boxes.append(patch_box)
+                    found, placed = chunk_pieces(patch_planes[0], (patch_box.x0, patch_box.y0),
+                                                 need)
+                    keys += [(plane.name, *key[1:]) for plane in patch_planes for key in found]
+                    pieces.append(placed)
+                sources.append(_TileSource(tract.index, need, boxes, pieces,
+                                           tract.mapping.cells(tile_box), selected))
+            calls[(i, j)] = (keys, {"sources": sources, "box": tile_box, "location": location})
+    if overlaps:
+        raise NoWorkError(f"{where}: the patches of a tract do not overlap the destination box "
+                          f"{box}")
+    chunks = (tuple(b - a for a, b in pairwise(y_edges)),
+              tuple(b - a for a, b in pairwise(x_edges)))
+    bins = tuple(tuple(-(-c // bin_size) for c in axis) for axis in chunks)
+    no_data = int(1 << planes["NO_DATA"])
+    for _keys, kwargs in calls.values():
+        kwargs.update(tracts=constants, kernel=config.warp_kernel,
+                      conserve_flux=config.conserve_flux, no_data=no_data, owner=owner,
+                      stats=stats)
+    image, variance, mask, tile_stats = tile_tasks(
+        _template_tile, calls, [p for t in tracts for group in t.planes for p in group],
+        [(chunks, np.float32), (chunks, np.float32), (chunks, np.uint32),
+         (((2,), *bins), np.float64)])
+    template = make_exposure(image, variance=variance, mask=mask, x0=box.x0, y0=box.y0,
+                             wcs=wcs, mask_planes=planes, chunks=None)
+    kwargs = {"threshold": config.high_variance_threshold,
+              "mask_fraction": config.high_variance_mask_fraction, "bin_size": bin_size}
+    if not fused_stats:
+        return high_variance_mask(template, **kwargs), components
+    template["mask"] = (("y", "x"), _flag_high_variance(mask, tile_stats,
+                                                        planes["HIGH_VARIANCE"], **kwargs))
+    return template, components
 
 
 def _template_visit_info(science_info: VisitInfo | None, inputs: Sequence[xr.Dataset]

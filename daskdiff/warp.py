@@ -16,7 +16,8 @@ footprint is not entirely covered by good source pixels gets NO_DATA, with image
 set to 0 (finite). Every destination pixel depends only on its own absolute position and the
 source pixels under its footprint, so the result does not depend on the chunking. The
 per-pixel loop is compiled with numba (releasing the GIL, so threaded schedulers run tiles in
-parallel).
+parallel); its float64 tap sums may be reassociated and fused (multiply-add) by the compiler,
+which changes the float32 results by at most one rounding step.
 """
 
 from __future__ import annotations
@@ -208,7 +209,8 @@ def _window_or(mask: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"},
+            error_model="numpy")
 def _warp_kernel(img: np.ndarray, var: np.ndarray, mask: np.ndarray, src_x0: int,
                  src_y0: int, grid_u: np.ndarray, grid_v: np.ndarray, gx0: int, gy0: int,
                  step: int, dst_x0: int, dst_y0: int, table: np.ndarray, half: int,
@@ -445,9 +447,29 @@ def _warp_block(*chunks: np.ndarray, pieces: list[tuple[tuple[slice, slice], ...
                        np.asarray(chunks[n + k][src], np.float32),
                        np.asarray(chunks[2 * n + k][src], np.uint32), int(bad_bits), img[dst],
                        var[dst], mask[dst])
-    out_image = np.empty(box.shape, np.float32)
-    out_variance = np.empty(box.shape, np.float32)
-    out_mask = np.empty(box.shape, np.uint32)
+    return resample_block(img, var, mask, src_box, grid, step, box, kernel=kernel,
+                          no_data_bit=no_data_bit, selected=selected,
+                          conserve_flux=conserve_flux)
+
+
+def resample_block(img: np.ndarray, var: np.ndarray, mask: np.ndarray, src_box: Box,
+                   grid: tuple[np.ndarray, np.ndarray, int, int], step: int, box: Box, *,
+                   kernel: str, no_data_bit: int, selected: np.ndarray | None,
+                   conserve_flux: bool = True,
+                   out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resample one destination ``box`` from prepared source buffers on ``src_box``.
+
+    ``img`` and ``var`` are float64, NaN where a source pixel is not good, and ``mask`` the
+    source mask (uint32), all C-contiguous of ``src_box.shape``; ``grid`` is
+    :meth:`PixelMapping.cells` of ``box``. Returns the float32 image and variance and the
+    uint32 mask of ``box`` (see the module docstring for the rules), in ``out`` if given
+    (C-contiguous arrays of ``box.shape``).
+    """
+    if out is None:
+        out = (np.empty(box.shape, np.float32), np.empty(box.shape, np.float32),
+               np.empty(box.shape, np.uint32))
+    out_image, out_variance, out_mask = out
     grid_u, grid_v, gx0, gy0 = grid
     _warp_kernel(img, var, mask, src_box.x0, src_box.y0, grid_u, grid_v, gx0, gy0, step,
                  box.x0, box.y0, _weight_table(kernel), KERNELS[kernel], kernel == "nearest",

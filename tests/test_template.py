@@ -32,9 +32,15 @@ from daskdiff.skymap import SkyMap
 from daskdiff.template import (
     GetDcrTemplateConfig,
     GetTemplateConfig,
+    _coadd_patches,
+    _mapped_box,
+    _tract_owners,
+    assemble_template,
     get_template,
+    high_variance_mask,
     merge_exposures,
 )
+from daskdiff.warp import warp_exposure
 from daskdiff.wcs import pixel_to_sky, sky_to_pixel
 
 from .conftest import make_tan_wcs
@@ -223,6 +229,43 @@ def test_chunking_does_not_change_the_template(repo_and_patches, template):
     whole = load(get_template(_science(), repo, config=GetTemplateConfig(tile_size=2048)))
     for name in ("image", "variance", "mask"):
         np.testing.assert_array_equal(whole[name].values, template[name].values)
+
+
+def _step_by_step(science, patches, config):
+    """The template built stage by stage from the public pieces (merge, warp, merge, flag)."""
+    wcs = science.attrs["wcs"]
+    box = science.dd.box.grow(config.border)
+    owner = (_tract_owners(wcs, box, patches)
+             if config.tract_merge == "nearest" and len(patches) > 1 else None)
+    warped = []
+    for index, tract_id in enumerate(sorted(patches)):
+        group = patches[tract_id]
+        union = Box(0, 0, 0, 0)
+        for patch in group:
+            union = union.union(patch.dd.box)
+        half = int(config.warp_kernel[-1]) if config.warp_kernel.startswith("lanczos") else 1
+        region = _mapped_box(wcs, box, group[0].attrs["wcs"]).grow(half + 5).intersection(union)
+        merged = merge_exposures(group, region, tile_size=config.tile_size)
+        warped.append(warp_exposure(merged, wcs, box, kernel=config.warp_kernel,
+                                    chunks=config.tile_size,
+                                    select=None if owner is None else owner.selection(index)))
+    merged = merge_exposures(warped, box, tile_size=config.tile_size, owner=owner)
+    return load(high_variance_mask(merged))
+
+
+@pytest.mark.parametrize("config", [GetTemplateConfig(tile_size=256),
+                                    GetTemplateConfig(tile_size=200, tract_merge="weighted")])
+def test_fused_assembly_equals_step_by_step(repo_and_patches, config):
+    repo, _ = repo_and_patches
+    science = _science()
+    patches = _coadd_patches(science, repo, config)
+    assert len(patches) > 1
+    fused = load(assemble_template(science, patches, config=config))
+    reference = _step_by_step(science, patches, config)
+    np.testing.assert_array_equal(fused["mask"].values, reference["mask"].values)
+    for name in ("image", "variance"):  # same kernels: equal to float32 rounding
+        np.testing.assert_allclose(fused[name].values, reference[name].values, rtol=2e-7,
+                                   atol=0)
 
 
 def test_weighted_tract_merge(repo_and_patches, template):
