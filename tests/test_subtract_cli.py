@@ -140,7 +140,7 @@ def test_decam_pair(tmp_path):
     reference = reference / _robust_std(reference)
     xs, ys = _bright_compact(science, 5.0)
     mine, theirs = _star_rms(ours, xs, ys, 10.0), _star_rms(reference, xs, ys, 10.0)
-    # measured: median 1.06 (ours) vs 1.86 (sfft's decorrelated difference of the stacks)
+    # measured: median 1.055 (ours) vs 1.86 (sfft's decorrelated difference of the stacks)
     assert np.median(mine) <= np.median(theirs)
 
 
@@ -162,6 +162,7 @@ def test_jwst_pair(tmp_path):
     reference = reference / _robust_std(reference)
     xs, ys = _bright_compact(science, 2.5)
     mine, theirs = _star_rms(ours, xs, ys, 5.0), _star_rms(reference, xs, ys, 5.0)
-    # the worst star is no worse than sfft's worst (measured max 1.91 vs 2.56); the median is
-    # (measured 1.45 vs 1.18; see the report)
+    # measured: median 1.08 vs sfft's 1.18, worst 1.22 vs 2.56 (1.45 and 1.91 without the
+    # reference-noise correction: the two epochs are about equally deep)
+    assert np.median(mine) <= np.median(theirs)
     assert mine.max() <= theirs.max()

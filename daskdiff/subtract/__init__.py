@@ -39,7 +39,7 @@ from .fit import build_systems, fit_kernel
 from .kernel import KernelSolution
 from .photoscale import model_kernel_sum
 from .sources import select_kernel_sources
-from .variance import clipped_mean, variance_scale_factor
+from .variance import clipped_mean, noise_covariance, variance_scale_factor
 
 __all__ = ["AlardLuptonConfig", "KernelSolution", "PsfSize", "SubtractionResult", "choose_mode",
            "subtract"]
@@ -347,9 +347,11 @@ def _subtract(science, template, sci, tmpl, sci_psf, tmpl_psf, config, sources, 
     kernel_sources = select_kernel_sources(
         sci, tmpl, box=region, psf_sigma=sci_sigma, kernel_size=plan.size, config=config,
         catalog=sources)
+    noise = (noise_covariance(reference["image"], reference["variance"], reference["bad"])
+             if config.correct_reference_noise else None)
     systems = build_systems(target, reference, np.asarray(kernel_sources["x"]),
                             np.asarray(kernel_sources["y"]), basis,
-                            fit_background=config.fit_for_background)
+                            fit_background=config.fit_for_background, reference_noise=noise)
     convolved = "template" if mode == "convolveTemplate" else "science"
     images = basis if isinstance(basis, np.ndarray) else basis.images()
     solution, used = fit_kernel(systems, images, sbox, config=config, convolved=convolved)

@@ -43,6 +43,11 @@ class AlardLuptonConfig(StageConfig):
                                   "Laplacian penalty relative to the mean normal-matrix diagonal")
     # fit
     fit_for_background: bool = Field(True, description="fit a differential background")
+    correct_reference_noise: bool = Field(
+        True, description="remove the convolved image's expected noise contribution from the "
+        "kernel fit's normal equations (errors-in-variables): without it a noisy convolved "
+        "image biases the kernel towards zero (too smooth, too small a sum); negligible for a "
+        "deep template")
     spatial_kernel_order: int = Field(1, ge=0, le=3, description="Chebyshev order of the kernel")
     spatial_bg_order: int = Field(2, ge=0, le=4, description="Chebyshev order of the background")
     candidate_residual_mean_max: float = Field(0.25, gt=0.0,

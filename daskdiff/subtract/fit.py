@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import fft as sfft
+from scipy import linalg, signal
 
 from ..box import Box
 from ..errors import AlgorithmError
@@ -22,8 +23,8 @@ from .basis import SeparableBasis, laplacian_penalty
 from .config import AlardLuptonConfig
 from .kernel import KernelSolution, chebyshev_terms, n_terms, scaled_position
 
-__all__ = ["CandidateSystems", "build_systems", "fit_kernel", "regularisation_penalty",
-           "solve_candidates"]
+__all__ = ["CandidateSystems", "build_systems", "fit_kernel", "noise_gram",
+           "regularisation_penalty", "solve_candidates"]
 
 _BATCH = 64
 
@@ -42,6 +43,7 @@ class CandidateSystems:
     chi_sum_a: np.ndarray  # (c, m)     sum A / sqrt(v)
     chi_sum_s: np.ndarray  # (c,)       sum s / sqrt(v)
     n_pix: int
+    noise_normal: np.ndarray | None = None  # (c, m, m) expected reference-noise part of normal
 
     def residual_stats(self, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return the mean and std of ``(s - A a) / sqrt(v)`` per candidate."""
@@ -55,7 +57,8 @@ class CandidateSystems:
         """Return the systems of the kept candidates."""
         return CandidateSystems(*(getattr(self, f)[keep] for f in (
             "x", "y", "normal", "rhs", "chi_normal", "chi_rhs", "chi_ss", "chi_sum_a",
-            "chi_sum_s")), n_pix=self.n_pix)
+            "chi_sum_s")), n_pix=self.n_pix,
+            noise_normal=None if self.noise_normal is None else self.noise_normal[keep])
 
 
 def _stamps(image: np.ndarray, origin: tuple[int, int], xs: np.ndarray, ys: np.ndarray,
@@ -114,7 +117,8 @@ def _separable_design(r_img: np.ndarray, basis: SeparableBasis, side: int) -> np
 
 def build_systems(target: dict[str, np.ndarray], reference: dict[str, np.ndarray],
                   xs: np.ndarray, ys: np.ndarray, basis: np.ndarray | SeparableBasis, *,
-                  fit_background: bool) -> CandidateSystems:
+                  fit_background: bool, reference_noise: np.ndarray | None = None
+                  ) -> CandidateSystems:
     """Convolve every reference stamp with every basis and reduce to normal equations.
 
     Parameters
@@ -127,6 +131,11 @@ def build_systems(target: dict[str, np.ndarray], reference: dict[str, np.ndarray
         ``(n_basis, size, size)`` basis images, or a separable AL basis.
     fit_background : bool
         Add a constant column (the local differential background).
+    reference_noise : numpy.ndarray, optional
+        The reference image's pixel-noise autocovariance in units of its variance plane
+        (:func:`~daskdiff.subtract.variance.noise_covariance`). When given, each candidate's
+        expected noise contribution to its normal matrix is stored as ``noise_normal`` (see
+        :func:`noise_gram`), for the errors-in-variables correction of the spatial fit.
     """
     separable = isinstance(basis, SeparableBasis)
     size = basis.kx[0].shape[0] if separable else basis.shape[-1]
@@ -140,7 +149,7 @@ def build_systems(target: dict[str, np.ndarray], reference: dict[str, np.ndarray
         transform[:nb, :nb] = basis.transform
     c = len(xs)
     out = {k: [] for k in ("normal", "rhs", "chi_normal", "chi_rhs", "chi_ss", "chi_sum_a",
-                           "chi_sum_s")}
+                           "chi_sum_s", "noise_scale")}
     for start in range(0, c, _BATCH):
         sl = slice(start, start + _BATCH)
         s_img = _stamps(target["image"], target["origin"], xs[sl], ys[sl], hs)
@@ -167,12 +176,15 @@ def build_systems(target: dict[str, np.ndarray], reference: dict[str, np.ndarray
             chi[k] = scaled[k] @ scaled[k].T
         sums = scaled.sum(axis=2)
         out["normal"].append(plain[:, :m, :m] * weight[:, None, None])
+        out["noise_scale"].append(weight * side * side
+                                  * np.median(r_var.reshape(nc, -1), axis=1))
         out["rhs"].append(plain[:, :m, m] * weight[:, None])
         out["chi_normal"].append(chi[:, :m, :m])
         out["chi_rhs"].append(chi[:, :m, m])
         out["chi_ss"].append(chi[:, m, m])
         out["chi_sum_a"].append(sums[:, :m])
         out["chi_sum_s"].append(sums[:, m])
+    noise_scale = np.concatenate(out.pop("noise_scale")) if c else np.zeros(0)
     arrays = {k: (np.concatenate(v) if v else np.zeros((0, m, m) if "normal" in k else (0, m)))
               for k, v in out.items()}
     if separable:  # from the raw kernels to the renormalised basis
@@ -180,8 +192,25 @@ def build_systems(target: dict[str, np.ndarray], reference: dict[str, np.ndarray
             arrays[key] = np.matmul(np.matmul(transform, arrays[key]), transform.T)
         for key in ("rhs", "chi_rhs", "chi_sum_a"):
             arrays[key] = arrays[key] @ transform.T
+    if reference_noise is not None:
+        gram = np.zeros((m, m))
+        gram[:nb, :nb] = noise_gram(basis.images() if separable else basis, reference_noise)
+        arrays["noise_normal"] = noise_scale[:, None, None] * gram[None]
     return CandidateSystems(x=np.asarray(xs, float), y=np.asarray(ys, float), n_pix=side * side,
                             **arrays)
+
+
+def noise_gram(basis: np.ndarray, covariance: np.ndarray) -> np.ndarray:
+    """Return ``G_ij = sum_{q, q'} B_i(q) B_j(q') C(q' - q)`` for basis images ``B``.
+
+    Convolving a reference stamp whose noise has autocovariance ``sigma^2 C`` with the basis
+    adds, in expectation, ``n_pix sigma^2 G`` to the (unweighted) normal matrix ``A A^T`` of
+    the fit: noise in the regressors, which biases the kernel towards zero (regression
+    dilution) unless the reference is much deeper than the target.
+    """
+    correlated = np.stack([signal.correlate(b, covariance, mode="same") for b in basis])
+    gram = np.tensordot(basis, correlated, axes=([1, 2], [1, 2]))
+    return 0.5 * (gram + gram.T)
 
 
 def solve_candidates(systems: CandidateSystems, penalty: np.ndarray | None) -> np.ndarray:
@@ -242,12 +271,46 @@ def _design_map(systems: CandidateSystems, nb: int, box: Box, kernel_order: int,
     return phi
 
 
+#: The noise correction amplifies no direction of the solution more than this (directions in
+#: which the reference noise carries more than half the normal matrix are noise-dominated).
+_MAX_NOISE_BOOST = 2.0
+
+
+def _corrected_solve(normal: np.ndarray, noise: np.ndarray, rhs: np.ndarray
+                     ) -> tuple[np.ndarray, float] | None:
+    """Solve ``(normal - noise) theta = rhs`` with bounded amplification, or ``None``.
+
+    In the basis that whitens ``normal`` (``normal = L L^T``), the noise is
+    ``L^-1 noise L^-T = U diag(f) U^T`` with ``f`` the noise fraction of each direction; the
+    exact correction divides each component by ``1 - f``, here capped at
+    :data:`_MAX_NOISE_BOOST`. Returns the solution and the largest noise fraction; ``None`` if
+    ``normal`` is not positive definite.
+    """
+    try:
+        lower = np.linalg.cholesky(normal)
+    except np.linalg.LinAlgError:
+        return None
+    half = linalg.solve_triangular(lower, noise, lower=True)
+    whitened = linalg.solve_triangular(lower, half.T, lower=True)
+    fraction, vectors = np.linalg.eigh(0.5 * (whitened + whitened.T))
+    gain = 1.0 / np.maximum(1.0 - fraction, 1.0 / _MAX_NOISE_BOOST)
+    y = linalg.solve_triangular(lower, rhs, lower=True)
+    theta = linalg.solve_triangular(lower.T, vectors @ (gain * (vectors.T @ y)), lower=False)
+    return theta, float(fraction.max())
+
+
 def _spatial_solve(systems: CandidateSystems, phi: np.ndarray, penalty: np.ndarray | None,
-                   nb: int, nt: int) -> tuple[np.ndarray, float]:
+                   nb: int, nt: int, *, correct_noise: bool
+                   ) -> tuple[np.ndarray, float, float | None]:
+    """Solve for the global parameters.
+
+    Returns the parameters, the condition number and the largest noise fraction seen by the
+    reference-noise correction (``None`` if it was not applied).
+    """
     npar = phi.shape[2]
-    weighted = np.matmul(systems.normal, phi).reshape(-1, npar)
-    normal = phi.reshape(-1, npar).T @ weighted
-    rhs = phi.reshape(-1, npar).T @ systems.rhs.reshape(-1)
+    flat_phi = phi.reshape(-1, npar)
+    normal = flat_phi.T @ np.matmul(systems.normal, phi).reshape(-1, npar)
+    rhs = flat_phi.T @ systems.rhs.reshape(-1)
     if penalty is not None:
         full = np.zeros_like(normal)
         pen = np.kron(penalty[1:nb, 1:nb], np.eye(nt))
@@ -255,8 +318,13 @@ def _spatial_solve(systems: CandidateSystems, phi: np.ndarray, penalty: np.ndarr
         full[0, 0] = penalty[0, 0]
         normal = normal + np.trace(normal) / normal.shape[0] * full
     cond = float(np.linalg.cond(normal))
+    if correct_noise and systems.noise_normal is not None:
+        noise = flat_phi.T @ np.matmul(systems.noise_normal, phi).reshape(-1, npar)
+        solved = _corrected_solve(normal, noise, rhs)
+        if solved is not None:
+            return solved[0], cond, solved[1]
     theta = np.linalg.lstsq(normal, rhs, rcond=1e-13)[0]
-    return theta, cond
+    return theta, cond, None
 
 
 def _affordable_order(order: int, n_candidates: float, per_term: int) -> int:
@@ -348,7 +416,8 @@ def fit_kernel(systems: CandidateSystems, basis: np.ndarray, box: Box, *,
             bg_order, effective_count(sub.normal[:, nb, nb]), per_term)
         nt = n_terms(k_order)
         phi = _design_map(sub, nb, box, k_order, b_order)
-        theta, cond = _spatial_solve(sub, phi, penalty, nb, nt)
+        theta, cond, corrected = _spatial_solve(sub, phi, penalty, nb, nt,
+                                                correct_noise=config.correct_reference_noise)
         if iteration == config.max_spatial_iterations:
             break
         mean, std = sub.residual_stats(np.einsum("cip,p->ci", phi, theta))
@@ -361,6 +430,7 @@ def fit_kernel(systems: CandidateSystems, basis: np.ndarray, box: Box, *,
     npar_k = 1 + (nb - 1) * nt
     counts.update(n_used=int(keep.sum()), n_rejected=int((~keep).sum()))
     stats = {"condition_number": cond, **counts, "n_effective_kernel": n_kernel,
+             "reference_noise_fraction": -1.0 if corrected is None else corrected,
              "kernel_order_used": k_order,
              "bg_order_used": b_order if b_order is not None else -1}
     solution = KernelSolution(basis=basis, constant=float(theta[0]),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import sep
+from scipy import fft as sfft
+from scipy import ndimage
 
 from ..errors import AlgorithmError
 
-__all__ = ["clipped_mean", "variance_scale_factor"]
+__all__ = ["clipped_mean", "noise_covariance", "variance_scale_factor"]
 
 
 _MAX_SAMPLE = 1 << 20
@@ -105,3 +107,75 @@ def variance_scale_factor(image: np.ndarray, variance: np.ndarray,
                 f"{factor:.1f} (> {limit}); fix the variance plane (gain, read noise) before "
                 "subtracting", metadata={"variance_factor": factor})
     return float(factor)
+
+
+#: Variance of a unit normal truncated at +-3 sigma (the sky pixels are selected by |z| < 3).
+_TRUNCATED_VARIANCE = 0.97333
+
+
+def _lag_sums(values: np.ndarray, reach: int) -> np.ndarray:
+    """Return ``sum_p v(p) v(p + d)`` for all lags ``|d_y|, |d_x| <= reach`` (zero-padded FFT)."""
+    ny, nx = values.shape
+    shape = (sfft.next_fast_len(ny + reach), sfft.next_fast_len(nx + reach))
+    spectrum = sfft.rfft2(values, s=shape)
+    full = sfft.irfft2(spectrum * np.conj(spectrum), s=shape)
+    rows = np.r_[shape[0] - reach:shape[0], 0:reach + 1]
+    cols = np.r_[shape[1] - reach:shape[1], 0:reach + 1]
+    return full[np.ix_(rows, cols)]
+
+
+def noise_covariance(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *,
+                     max_lag: int = 2, bin_size: int = 32) -> np.ndarray:
+    """Return the short-range pixel-noise autocovariance in units of the variance plane.
+
+    ``z = (image - background) / sqrt(variance)`` is formed on sky pixels (unmasked, with no
+    pixel within 2 px at more than 3 sigma), and its autocovariance (mean of
+    ``z(p) z(p + d)`` over pairs of sky pixels, corrected for the 3-sigma truncation) is
+    measured out to ``max_lag + 3``. Pixel-noise correlations from resampling (warping,
+    drizzling) are short range; the slowly varying floor beyond ``max_lag + 1`` comes from
+    faint undetected sources and background structure (signal common to both images), so its
+    median over lags ``max_lag + 2`` and ``max_lag + 3`` is subtracted. White noise with a
+    correct variance plane gives the identity kernel; resampled images have positive
+    neighbours.
+
+    Parameters
+    ----------
+    image, variance : numpy.ndarray
+        The planes.
+    bad : numpy.ndarray
+        Boolean plane of pixels to ignore.
+    max_lag : int, optional
+        Largest lag (pixels) per axis of the returned kernel.
+    bin_size : int, optional
+        Background mesh (pixels).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(2 max_lag + 1, 2 max_lag + 1)`` symmetric covariance kernel (entry
+        ``[max_lag + dy, max_lag + dx]`` for lag ``(dy, dx)``); the identity kernel when fewer
+        than 1000 sky pixels are found.
+    """
+    reach = max_lag + 3
+    sums = np.zeros((2 * reach + 1,) * 2)
+    counts = np.zeros_like(sums)
+    for sl in _blocks(image.shape, max_pixels=1 << 19):
+        img, v = image[sl], variance[sl]
+        good = ~bad[sl] & np.isfinite(img) & np.isfinite(v) & (v > 0)
+        if good.sum() < 100:
+            continue
+        z = np.where(good, (img - _background(img, good, bin_size)) / np.sqrt(np.where(
+            good, v, 1.0)), 0.0)
+        sky = good & ~ndimage.binary_dilation(np.abs(z) >= 3.0, iterations=2)
+        sums += _lag_sums(np.where(sky, z, 0.0), reach)
+        counts += _lag_sums(sky.astype(float), reach)
+    identity = np.zeros((2 * max_lag + 1,) * 2)
+    identity[max_lag, max_lag] = 1.0
+    if counts[reach, reach] < 1000:
+        return identity
+    covariance = sums / np.maximum(np.rint(counts), 1.0) / _TRUNCATED_VARIANCE
+    covariance = 0.5 * (covariance + covariance[::-1, ::-1])
+    lag = np.maximum(*np.abs(np.mgrid[-reach:reach + 1, -reach:reach + 1]))
+    floor = float(np.median(covariance[lag >= max_lag + 2]))
+    inner = slice(reach - max_lag, reach + max_lag + 1)
+    return covariance[inner, inner] - floor
