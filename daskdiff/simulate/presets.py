@@ -15,10 +15,11 @@ __all__ = ["PRESETS", "get_preset"]
 
 #: The presets by name.
 PRESETS: dict[str, SimulationConfig] = {
-    # A few seconds: 2 visits x 2 detectors of 512^2, two tracts of one patch each.
+    # A few seconds: 2 visits x 2 detectors of 512^2, two tracts of one patch each; stars dense
+    # enough (25 per arcmin^2) for the kernel fit of every detector-visit.
     "tiny": SimulationConfig(
         name="tiny", n_visits=2, n_detectors=2, detector_width=512, detector_height=512,
-        detector_gap=40, star_density=6.0, galaxy_density=6.0, variable_density=0.5,
+        detector_gap=40, star_density=25.0, galaxy_density=6.0, variable_density=0.5,
         n_transients=6, n_asteroids=2, patch_inner=1500, patch_border=50, dither_arcsec=10.0,
         max_rotation=10.0, campaign_days=20.0, tile_size=512,
     ),
