@@ -31,9 +31,9 @@ the local WCS Jacobians; HIGH_VARIANCE flags pixels whose binned-median variance
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import combinations, pairwise
 from os import PathLike
 from typing import Any, Literal
 
@@ -62,7 +62,16 @@ from .exposure import (
 from .masks import combine
 from .metadata import PhotoCalib, VisitInfo
 from .psf.warped import CoaddPsf, WarpedPsf
-from .warp import KERNELS, PixelMapping, _as_dask, _selection, resample_block, warp_exposure
+from .warp import (
+    KERNELS,
+    PixelMapping,
+    _as_dask,
+    _scratch,
+    _selection,
+    resample_block,
+    source_spans,
+    warp_exposure,
+)
 from .wcs import copy_wcs, local_jacobian, pixel_scale, pixel_to_sky, sky_polygon, sky_to_pixel
 
 __all__ = [
@@ -523,8 +532,15 @@ def _flag_block(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray, stats: np.ndar
     grid, median = model
     rows = _linear_axis((ys + 0.5) / size - 0.5, grid.shape[0])
     cols = _linear_axis((xs + 0.5) / size - 0.5, grid.shape[1])
+    limit = threshold * median
+    if rows[0].size and cols[0].size:
+        # the model is interpolated linearly between these nodes, so it stays below their
+        # largest value (to within rounding, hence the margin): nothing to flag, no copy
+        nodes = grid[rows[0].min():rows[1].max() + 1, cols[0].min():cols[1].max() + 1]
+        if nodes.max() < limit * (1.0 - 1e-9):
+            return mask
     return _flag_kernel(np.ascontiguousarray(mask, np.uint32), *rows, *cols,
-                        np.ascontiguousarray(grid, np.float64), threshold * median, 1 << bit)
+                        np.ascontiguousarray(grid, np.float64), limit, 1 << bit)
 
 
 def high_variance_mask(exposure: xr.Dataset, *, threshold: float = 4.0,
@@ -730,12 +746,14 @@ def _tract_owners(wcs: Any, box: Box, patches: Mapping[int, Sequence[xr.Dataset]
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _accumulate_kernel(image: np.ndarray, variance: np.ndarray, mask: np.ndarray,
                        strides: tuple[int, int, int], row0: int, col0: int, ny: int, nx: int,
-                       count: np.ndarray, bad_bits: int, no_data: int, sum_w: np.ndarray,
-                       sum_wi: np.ndarray, sum_wv: np.ndarray, bits: np.ndarray) -> None:
+                       count: np.ndarray, spans: np.ndarray, bad_bits: int, no_data: int,
+                       sum_w: np.ndarray, sum_wi: np.ndarray, sum_wv: np.ndarray,
+                       bits: np.ndarray) -> None:
     """Merge one input into the warper's source buffers (see :func:`_finalise_kernel`).
 
     The input is ``ny`` rows of ``nx`` pixels, ``strides`` apart in the flat arrays (see
-    :func:`_flat_rows`), placed at ``[row0:, col0:]`` of the buffers. Where it is the only
+    :func:`_flat_rows`), placed at ``[row0:, col0:]`` of the buffers; only its pixels inside
+    the buffers' ``spans`` (:func:`daskdiff.warp.source_spans`) are used. Where it is the only
     input (``count == 1``) the merge is the input itself (with one input the weighted mean
     ``(w * x) / w`` rounds back to ``x`` in float32), prepared at once as
     :func:`daskdiff.warp._sanitise_into` does; elsewhere its good pixels are added to the
@@ -743,37 +761,50 @@ def _accumulate_kernel(image: np.ndarray, variance: np.ndarray, mask: np.ndarray
     variance buffers).
     """
     for r in range(ny):
-        at_i = r * strides[0]
-        at_v = r * strides[1]
-        at_m = r * strides[2]
         out = row0 + r
-        for c in range(nx):
-            value = np.float64(image[at_i + c])
-            var = np.float64(variance[at_v + c])
+        first = max(spans[out, 0] - col0, 0)  # the input's columns inside the span
+        n = min(spans[out, 1] - col0, nx) - first
+        if n <= 0:
+            continue
+        # row views from the first column: non-negative indices (no wraparound code)
+        row_image = image[r * strides[0] + first:]
+        row_variance = variance[r * strides[1] + first:]
+        row_mask = mask[r * strides[2] + first:]
+        place = col0 + first
+        row_count = count[out, place:]
+        row_w = sum_w[out, place:]
+        row_wi = sum_wi[out, place:]
+        row_wv = sum_wv[out, place:]
+        row_bits = bits[out, place:]
+        for c in range(n):
+            value = np.float64(row_image[c])
+            var = np.float64(row_variance[c])
             good = np.isfinite(value) & np.isfinite(var) & (var > 0)
-            place = col0 + c
-            if count[out, place] == 1:
-                bit = mask[at_m + c] if good else np.uint32(no_data)
+            if row_count[c] == 1:
+                bit = row_mask[c] if good else np.uint32(no_data)
                 usable = good & ((bit & bad_bits) == 0)
-                sum_wi[out, place] = value if usable else np.nan
-                sum_wv[out, place] = var if usable else np.nan
-                bits[out, place] = bit
+                row_wi[c] = value if usable else np.nan
+                row_wv[c] = var if usable else np.nan
+                row_bits[c] = bit
             elif good:
                 weight = 1.0 / np.sqrt(var)
-                sum_w[out, place] += weight
-                sum_wi[out, place] += weight * value
-                sum_wv[out, place] += weight * var
-                bits[out, place] |= mask[at_m + c]
+                row_w[c] += weight
+                row_wi[c] += weight * value
+                row_wv[c] += weight * var
+                row_bits[c] |= row_mask[c]
 
 
 def _flat_rows(array: np.ndarray, dtype: Any) -> tuple[np.ndarray, int]:
     """Return a 2-D array's rows as one contiguous 1-D array and the row stride (elements).
 
-    A view with contiguous rows (a chunk cut from a larger array) is not copied.
+    A view with contiguous rows (a chunk cut from a larger array) is not copied; rows that
+    are all the same array (row stride 0, a broadcast plane) give one row and stride 0.
     """
     array = np.asarray(array, dtype)
     if array.shape[0] == 0 or array.shape[1] == 0:
         return np.zeros(0, dtype), 0
+    if array.strides[0] == 0:  # every row the same (a broadcast plane): one row, stride 0
+        return np.ascontiguousarray(array[0]), 0
     if array.strides[1] != array.itemsize or array.strides[0] % array.itemsize:
         array = np.ascontiguousarray(array)
     stride = array.strides[0] // array.itemsize
@@ -784,37 +815,45 @@ def _flat_rows(array: np.ndarray, dtype: Any) -> tuple[np.ndarray, int]:
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _finalise_kernel(count: np.ndarray, sum_w: np.ndarray, sum_wi: np.ndarray,
-                     sum_wv: np.ndarray, bits: np.ndarray, no_data: int, bad_bits: int) -> None:
+def _finalise_kernel(count: np.ndarray, spans: np.ndarray, sum_w: np.ndarray,
+                     sum_wi: np.ndarray, sum_wv: np.ndarray, bits: np.ndarray, no_data: int,
+                     bad_bits: int) -> None:
     """Turn the weighted sums into the warper's source buffers, in place.
 
-    Only where no input (NO_DATA) or several inputs (``count != 1``) cover a pixel: the merged
-    pixel is rounded to float32 (the merged exposure's type), then prepared as
+    Only inside ``spans`` and where no input (NO_DATA) or several inputs (``count != 1``)
+    cover a pixel (the weighted sums are defined only where several do): the merged pixel is
+    rounded to float32 (the merged exposure's type), then prepared as
     :func:`daskdiff.warp._sanitise_into` does, NaN in ``sum_wi`` and ``sum_wv`` where it is
     not good.
     """
-    ny, nx = sum_w.shape
-    for r in range(ny):
-        for c in range(nx):
-            if count[r, c] == 1:
+    for r in range(sum_w.shape[0]):
+        first = spans[r, 0]
+        row_count = count[r, first:]
+        row_w = sum_w[r, first:]
+        row_wi = sum_wi[r, first:]
+        row_wv = sum_wv[r, first:]
+        row_bits = bits[r, first:]
+        for c in range(spans[r, 1] - first):
+            count_here = row_count[c]
+            if count_here == 1:
                 continue
-            weight = sum_w[r, c]
+            weight = row_w[c] if count_here > 1 else 0.0  # the sums are zeroed under overlaps
             if weight == 0:
-                bits[r, c] = no_data
+                row_bits[c] = no_data
                 good = False
                 image = np.float32(0.0)
                 var = np.float32(0.0)
             else:
-                image = np.float32(sum_wi[r, c] / weight)
-                var = np.float32(sum_wv[r, c] / weight)
+                image = np.float32(row_wi[c] / weight)
+                var = np.float32(row_wv[c] / weight)
                 good = (np.isfinite(image) and np.isfinite(var) and var >= 0
-                        and (bits[r, c] & bad_bits) == 0)
+                        and (row_bits[c] & bad_bits) == 0)
             if good:
-                sum_wi[r, c] = image
-                sum_wv[r, c] = var
+                row_wi[c] = image
+                row_wv[c] = var
             else:
-                sum_wi[r, c] = np.nan
-                sum_wv[r, c] = np.nan
+                row_wi[c] = np.nan
+                row_wv[c] = np.nan
 
 
 @dataclass(frozen=True, eq=False)
@@ -840,6 +879,7 @@ class _TileSource:
     pieces: list[list[tuple[tuple[slice, slice], ...]]]
     grid: tuple[np.ndarray, np.ndarray, int, int]
     selected: np.ndarray | None
+    part: Box
 
 
 def _source_planes(patch: xr.Dataset) -> list[da.Array]:
@@ -850,16 +890,42 @@ def _source_planes(patch: xr.Dataset) -> list[da.Array]:
 def _warp_tract(chunks: Sequence[np.ndarray], source: _TileSource, tract: dict[str, Any],
                 box: Box, *, kernel: str, conserve_flux: bool,
                 out: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-    """Merge the tract's patches on ``source.need`` and warp them onto ``box`` (into ``out``)."""
+    """Merge the tract's patches on ``source.need`` and warp them onto ``box`` (into ``out``).
+
+    Only the source pixels the warp reads (:func:`~daskdiff.warp.source_spans` of the part of
+    ``box`` holding the selected pixels) are merged; the rest of the buffers stays undefined.
+    """
     need = source.need
-    count = np.zeros(need.shape, np.uint8)
+    step = tract["step"]
+    spans = source_spans(source.grid, step, source.part, need, kernel=kernel)
+    with _scratch() as take:
+        _merge_and_warp(chunks, source, tract, box, spans, take, kernel=kernel,
+                        conserve_flux=conserve_flux, out=out)
+
+
+def _merge_and_warp(chunks: Sequence[np.ndarray], source: _TileSource, tract: dict[str, Any],
+                    box: Box, spans: np.ndarray, take: Callable[..., np.ndarray], *, kernel: str,
+                    conserve_flux: bool, out: tuple[np.ndarray, np.ndarray, np.ndarray]
+                    ) -> None:
+    """:func:`_warp_tract` with its buffers from ``take(name, shape, dtype)`` (scratch)."""
+    need = source.need
+    step = tract["step"]
+    count = take("count", need.shape, np.uint8)
+    count[...] = 0
     for patch_box in source.boxes:
         part = patch_box.intersection(need)
         count[part.y0 - need.y0:part.y1 - need.y0, part.x0 - need.x0:part.x1 - need.x0] += 1
-    sum_w = np.zeros(need.shape)
-    image = np.zeros(need.shape)
-    variance = np.zeros(need.shape)
-    bits = np.zeros(need.shape, np.uint32)
+    sum_w = take("sum_w", need.shape, np.float64)
+    image = take("image", need.shape, np.float64)
+    variance = take("variance", need.shape, np.float64)
+    bits = take("bits", need.shape, np.uint32)
+    for first, second in combinations(source.boxes, 2):  # the weighted sums where they overlap
+        both = first.intersection(second).intersection(need)
+        if not both.is_empty:
+            rows = slice(both.y0 - need.y0, both.y1 - need.y0)
+            cols = slice(both.x0 - need.x0, both.x1 - need.x0)
+            for buffer in (sum_w, image, variance, bits):
+                buffer[rows, cols] = 0
     at = 0
     for pieces in source.pieces:
         n = len(pieces)
@@ -870,13 +936,14 @@ def _warp_tract(chunks: Sequence[np.ndarray], source: _TileSource, tract: dict[s
             _accumulate_kernel(image_rows, variance_rows, mask_rows,
                                (image_stride, variance_stride, mask_stride), dst[0].start,
                                dst[1].start, dst[0].stop - dst[0].start,
-                               dst[1].stop - dst[1].start, count, tract["bad_bits"],
+                               dst[1].stop - dst[1].start, count, spans, tract["bad_bits"],
                                tract["no_data"], sum_w, image, variance, bits)
         at += 3 * n
-    _finalise_kernel(count, sum_w, image, variance, bits, tract["no_data"], tract["bad_bits"])
-    resample_block(image, variance, bits, need, source.grid, tract["step"], box,
-                   kernel=kernel, no_data_bit=tract["no_data_bit"], selected=source.selected,
-                   conserve_flux=conserve_flux, out=out)
+    _finalise_kernel(count, spans, sum_w, image, variance, bits, tract["no_data"],
+                     tract["bad_bits"])
+    resample_block(image, variance, bits, need, source.grid, step, box, kernel=kernel,
+                   no_data_bit=tract["no_data_bit"], selected=source.selected,
+                   conserve_flux=conserve_flux, spans=spans, out=out, take=take)
 
 
 def _template_tile(*chunks: np.ndarray, sources: list[_TileSource],
@@ -988,7 +1055,8 @@ def _fused_template(wcs: Any, box: Box, patches: Mapping[int, Sequence[xr.Datase
                 selected, part = _selection(tract.select, tile_box)
                 need = tract.mapping.source_box(part, margin=half).intersection(tract.region)
                 if part.is_empty or need.is_empty:
-                    sources.append(_TileSource(tract.index, Box(0, 0, 0, 0), [], [], (), None))
+                    sources.append(_TileSource(tract.index, Box(0, 0, 0, 0), [], [], (), None,
+                                               part))
                     continue
                 overlaps.pop(tract.index, None)
                 pieces, boxes = [], []
@@ -1001,7 +1069,7 @@ def _fused_template(wcs: Any, box: Box, patches: Mapping[int, Sequence[xr.Datase
                     keys += [(plane.name, *key[1:]) for plane in patch_planes for key in found]
                     pieces.append(placed)
                 sources.append(_TileSource(tract.index, need, boxes, pieces,
-                                           tract.mapping.cells(tile_box), selected))
+                                           tract.mapping.cells(tile_box), selected, part))
             calls[(i, j)] = (keys, {"sources": sources, "box": tile_box, "location": location})
     if overlaps:
         raise NoWorkError(f"{where}: the patches of a tract do not overlap the destination box "

@@ -22,7 +22,9 @@ which changes the float32 results by at most one rounding step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from itertools import pairwise
@@ -186,27 +188,105 @@ def _sanitise_into(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, ba
 
 
 @numba.njit(cache=True, nogil=True)
-def _window_or(mask: np.ndarray, size: int) -> np.ndarray:
-    """OR of ``mask`` over the forward windows ``[r, r+size) x [c, c+size)`` inside it.
+def _window_or(mask: np.ndarray, size: int, spans: np.ndarray, rows: np.ndarray,
+               out: np.ndarray) -> None:
+    """OR of ``mask`` over the forward windows ``[r, r+size) x [c, c+size)`` into ``out``.
 
-    Separable, with contiguous inner loops (vectorised); entries whose window leaves the
-    array are not used.
+    Computed only for windows inside the filled ``spans`` (``spans[r] = (first, stop)``
+    columns of row ``r``); other entries are undefined and not used. Separable (``rows``, of
+    ``mask``'s shape, holds the row ORs), with contiguous inner loops over row views
+    (vectorised: no negative-index checks).
     """
     ny, nx = mask.shape
-    width = nx - size + 1
-    rows = np.zeros((ny, nx), np.uint32)
-    out = np.zeros((ny, nx), np.uint32)
-    if width <= 0 or ny < size:
-        return out
     for r in range(ny):
-        for k in range(size):
-            for c in range(width):
-                rows[r, c] |= mask[r, c + k]
+        first = max(spans[r, 0], 0)
+        n = min(spans[r, 1], nx) - size + 1 - first
+        if n <= 0:
+            continue
+        src = mask[r, first:]
+        line = rows[r, first:]
+        for c in range(n):
+            line[c] = src[c]
+        for k in range(1, size):
+            for c in range(n):
+                line[c] |= src[c + k]
     for r in range(ny - size + 1):
-        for k in range(size):
-            for c in range(width):
-                out[r, c] |= rows[r + k, c]
-    return out
+        first = max(spans[r, 0], 0)
+        n = min(spans[r, 1], nx) - size + 1 - first
+        if n <= 0:
+            continue
+        line = out[r, first:]
+        src = rows[r, first:]
+        for c in range(n):
+            line[c] = src[c]
+        for k in range(1, size):
+            src = rows[r + k, first:]
+            for c in range(n):
+                line[c] |= src[c]
+
+
+@numba.njit(cache=True, nogil=True)
+def _corner_bounds(grid: np.ndarray, row: int, ty0: float, ty1: float, col: int, tx0: float,
+                   tx1: float) -> tuple[float, float]:
+    """Least and greatest of the bilinear mapping over a rectangle of one cell (its corners)."""
+    a = _bilinear(grid, row, ty0, col, tx0)
+    b = _bilinear(grid, row, ty0, col, tx1)
+    c = _bilinear(grid, row, ty1, col, tx0)
+    d = _bilinear(grid, row, ty1, col, tx1)
+    return min(min(a, b), min(c, d)), max(max(a, b), max(c, d))
+
+
+@numba.njit(cache=True, nogil=True)
+def _runs(start: int, count: int, origin: int, step: int, nodes: int) -> np.ndarray:
+    """Return the runs of pixels sharing a grid cell: rows ``(cell, first, last fraction)``."""
+    out = np.empty((count, 3))
+    n = 0
+    for k in range(count):
+        cell, frac = _grid_coordinate(start + k - origin, step, nodes)
+        if n > 0 and out[n - 1, 0] == cell:
+            out[n - 1, 2] = frac
+        else:
+            out[n, 0] = cell
+            out[n, 1] = frac
+            out[n, 2] = frac
+            n += 1
+    return out[:n]
+
+
+@numba.njit(cache=True, nogil=True)
+def _source_spans(grid_u: np.ndarray, grid_v: np.ndarray, gx0: int, gy0: int, step: int,
+                  dst_x0: int, dst_y0: int, dst_nx: int, dst_ny: int, src_x0: int, src_y0: int,
+                  src_w: int, src_h: int, half: int) -> np.ndarray:
+    """Columns ``[first, stop)`` of each source row that resampling the destination reads.
+
+    The bilinear mapping over the pixels of one grid cell lies between its values at the
+    corners of their fraction rectangle, so the union of those boxes, grown by the kernel
+    footprint (and one pixel for rounding), covers every pixel read. Rows read by no pixel
+    get an empty span.
+    """
+    spans = np.empty((src_h, 2), np.int64)
+    spans[:, 0] = src_w
+    spans[:, 1] = 0
+    rows = _runs(dst_y0, dst_ny, gy0, step, grid_u.shape[0])
+    cols = _runs(dst_x0, dst_nx, gx0, step, grid_u.shape[1])
+    first_x = src_x0 + half - 1
+    first_y = src_y0 + half - 1
+    for i in range(rows.shape[0]):
+        row = int(rows[i, 0])
+        for j in range(cols.shape[0]):
+            col = int(cols[j, 0])
+            u0, u1 = _corner_bounds(grid_u, row, rows[i, 1], rows[i, 2], col, cols[j, 1],
+                                    cols[j, 2])
+            v0, v1 = _corner_bounds(grid_v, row, rows[i, 1], rows[i, 2], col, cols[j, 1],
+                                    cols[j, 2])
+            left = max(int(np.floor(u0)) - first_x - 1, 0)
+            right = min(int(np.floor(u1)) - first_x + 2 * half + 1, src_w)
+            bottom = max(int(np.floor(v0)) - first_y - 1, 0)
+            top = min(int(np.floor(v1)) - first_y + 2 * half + 1, src_h)
+            for r in range(bottom, top):
+                spans[r, 0] = min(spans[r, 0], left)
+                spans[r, 1] = max(spans[r, 1], right)
+    return spans
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"},
@@ -215,15 +295,18 @@ def _warp_kernel(img: np.ndarray, var: np.ndarray, mask: np.ndarray, src_x0: int
                  src_y0: int, grid_u: np.ndarray, grid_v: np.ndarray, gx0: int, gy0: int,
                  step: int, dst_x0: int, dst_y0: int, table: np.ndarray, half: int,
                  nearest: bool, no_data: int, selected: np.ndarray, conserve_flux: bool,
+                 spans: np.ndarray, scratch: np.ndarray, footprint: np.ndarray,
                  out_image: np.ndarray, out_variance: np.ndarray, out_mask: np.ndarray) -> None:
     """Resample one destination block (see the module docstring for the rules).
 
     ``img`` and ``var`` are the source image and variance, NaN where a pixel is not good
     (:func:`_sanitise_into`). ``selected`` (the block's shape, or empty for all pixels) says
-    which pixels to compute; the others come out NO_DATA.
+    which pixels to compute; the others come out NO_DATA. Only the source pixels inside
+    ``spans`` (:func:`_source_spans`) need to be defined. ``scratch`` and ``footprint`` are
+    uint32 work arrays of the source's shape.
     """
     taps = 2 * half
-    footprint = _window_or(mask, taps)
+    _window_or(mask, taps, spans, scratch, footprint)
     src_h, src_w = img.shape
     flat_img = img.ravel()
     flat_var = var.ravel()
@@ -428,6 +511,41 @@ def mapping_error(mapping: PixelMapping, dest_wcs: Any, src_wcs: Any, *, n: int 
 # --------------------------------------------------------------------------------------------
 
 
+#: Scratch buffer sets kept for reuse by the tile tasks (reusing memory saves the page faults
+#: of fresh allocations; each running task takes a set of its own), and the largest set kept.
+_SCRATCH_KEPT = 2
+_SCRATCH_KEPT_BYTES = 128 * 2**20
+_scratch_sets: list[dict[str, np.ndarray]] = []
+_scratch_lock = threading.Lock()
+
+
+@contextmanager
+def _scratch() -> Iterator[Callable[..., np.ndarray]]:
+    """Lend a set of scratch buffers: ``take(name, shape, dtype)`` returns an undefined array.
+
+    The arrays must not outlive the ``with`` block. Afterwards the set is kept for the next
+    task (at most :data:`_SCRATCH_KEPT` sets, of at most :data:`_SCRATCH_KEPT_BYTES` each).
+    """
+    with _scratch_lock:
+        buffers = _scratch_sets.pop() if _scratch_sets else {}
+
+    def take(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape)) * dtype.itemsize
+        buffer = buffers.get(name)
+        if buffer is None or buffer.size < size:
+            buffer = buffers[name] = np.empty(size, np.uint8)
+        return buffer[:size].view(dtype).reshape(shape)
+
+    try:
+        yield take
+    finally:
+        kept = sum(b.nbytes for b in buffers.values()) <= _SCRATCH_KEPT_BYTES
+        with _scratch_lock:
+            if kept and len(_scratch_sets) < _SCRATCH_KEPT:
+                _scratch_sets.append(buffers)
+
+
 def _warp_block(*chunks: np.ndarray, pieces: list[tuple[tuple[slice, slice], ...]],
                 src_box: Box, grid: tuple[np.ndarray, np.ndarray, int, int], step: int,
                 box: Box, kernel: str, bad_bits: int, no_data_bit: int,
@@ -439,43 +557,69 @@ def _warp_block(*chunks: np.ndarray, pieces: list[tuple[tuple[slice, slice], ...
     ``pieces[k] = (source slices, slices in src_box)`` places chunk ``k`` of each plane.
     """
     n = len(pieces)
-    img = np.empty(src_box.shape)
-    var = np.empty(src_box.shape)
-    mask = np.empty(src_box.shape, np.uint32)
-    for k, (src, dst) in enumerate(pieces):
-        _sanitise_into(np.asarray(chunks[k][src], np.float32),
-                       np.asarray(chunks[n + k][src], np.float32),
-                       np.asarray(chunks[2 * n + k][src], np.uint32), int(bad_bits), img[dst],
-                       var[dst], mask[dst])
-    return resample_block(img, var, mask, src_box, grid, step, box, kernel=kernel,
-                          no_data_bit=no_data_bit, selected=selected,
-                          conserve_flux=conserve_flux)
+    with _scratch() as take:
+        img = take("image", src_box.shape, np.float64)
+        var = take("variance", src_box.shape, np.float64)
+        mask = take("mask", src_box.shape, np.uint32)
+        for k, (src, dst) in enumerate(pieces):
+            _sanitise_into(np.asarray(chunks[k][src], np.float32),
+                           np.asarray(chunks[n + k][src], np.float32),
+                           np.asarray(chunks[2 * n + k][src], np.uint32), int(bad_bits),
+                           img[dst], var[dst], mask[dst])
+        return resample_block(img, var, mask, src_box, grid, step, box, kernel=kernel,
+                              no_data_bit=no_data_bit, selected=selected,
+                              conserve_flux=conserve_flux, take=take)
 
 
 def resample_block(img: np.ndarray, var: np.ndarray, mask: np.ndarray, src_box: Box,
                    grid: tuple[np.ndarray, np.ndarray, int, int], step: int, box: Box, *,
                    kernel: str, no_data_bit: int, selected: np.ndarray | None,
-                   conserve_flux: bool = True,
+                   conserve_flux: bool = True, spans: np.ndarray | None = None,
                    out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                   take: Callable[..., np.ndarray] | None = None,
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Resample one destination ``box`` from prepared source buffers on ``src_box``.
 
     ``img`` and ``var`` are float64, NaN where a source pixel is not good, and ``mask`` the
     source mask (uint32), all C-contiguous of ``src_box.shape``; ``grid`` is
-    :meth:`PixelMapping.cells` of ``box``. Returns the float32 image and variance and the
+    :meth:`PixelMapping.cells` of ``box``. Only the pixels inside ``spans`` (from
+    :func:`source_spans` for ``box`` or a part of it holding every selected pixel; computed
+    here if not given) need to be defined. Returns the float32 image and variance and the
     uint32 mask of ``box`` (see the module docstring for the rules), in ``out`` if given
-    (C-contiguous arrays of ``box.shape``).
+    (C-contiguous arrays of ``box.shape``). ``take(name, shape, dtype)``, if given, supplies
+    the work arrays (e.g. reused scratch memory).
     """
+    if take is None:
+        def take(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+            return np.empty(shape, dtype)
+
     if out is None:
         out = (np.empty(box.shape, np.float32), np.empty(box.shape, np.float32),
                np.empty(box.shape, np.uint32))
+    if spans is None:
+        spans = source_spans(grid, step, box, src_box, kernel=kernel)
     out_image, out_variance, out_mask = out
     grid_u, grid_v, gx0, gy0 = grid
     _warp_kernel(img, var, mask, src_box.x0, src_box.y0, grid_u, grid_v, gx0, gy0, step,
                  box.x0, box.y0, _weight_table(kernel), KERNELS[kernel], kernel == "nearest",
                  1 << no_data_bit, np.zeros((0, 0), np.bool_) if selected is None else selected,
-                 conserve_flux, out_image, out_variance, out_mask)
+                 conserve_flux, spans, take("rows_or", src_box.shape, np.uint32),
+                 take("footprint", src_box.shape, np.uint32), out_image, out_variance, out_mask)
     return out_image, out_variance, out_mask
+
+
+def source_spans(grid: tuple[np.ndarray, np.ndarray, int, int], step: int, box: Box,
+                 src_box: Box, *, kernel: str) -> np.ndarray:
+    """Return the source columns that resampling ``box`` reads, per row of ``src_box``.
+
+    ``grid`` is :meth:`PixelMapping.cells` of ``box`` (or of a box containing it). Row ``r``
+    of the result is ``(first, stop)``: the pixels of ``src_box`` row ``r`` in columns
+    ``[first, stop)`` (box-relative; empty when ``stop <= first``) include every pixel the
+    ``kernel`` footprints of ``box``'s pixels read there.
+    """
+    grid_u, grid_v, gx0, gy0 = grid
+    return _source_spans(grid_u, grid_v, gx0, gy0, step, box.x0, box.y0, box.width, box.height,
+                         src_box.x0, src_box.y0, src_box.width, src_box.height, KERNELS[kernel])
 
 
 def warp_exposure(

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from daskdiff import Box, ConfigError, NoWorkError, load, make_exposure, mask_of
-from daskdiff.warp import PixelMapping, kernel_weights, mapping_error, warp_exposure
+from daskdiff.warp import (
+    PixelMapping,
+    kernel_weights,
+    mapping_error,
+    resample_block,
+    source_spans,
+    warp_exposure,
+)
 from daskdiff.wcs import pixel_to_sky, sky_to_pixel
 
 from .conftest import make_tan_wcs
@@ -166,3 +173,36 @@ def test_conserve_flux_preserves_source_counts_across_pixel_scales():
                                atol=1e-6)
     np.testing.assert_allclose(kept["variance"].values, plain["variance"].values * area**2,
                                rtol=4e-3)
+
+
+@pytest.mark.parametrize("kernel", ["nearest", "lanczos3", "lanczos5"])
+def test_resampling_reads_only_the_source_spans(kernel):
+    # a strongly distorted, rotated mapping; pixels outside the spans are poisoned
+    strong = make_tan_wcs(ra=55.0003, dec=-30.0002, crpix=(400, 400), rotation_deg=33.0,
+                          sip=True, scale_arcsec=0.23)
+    strong.sip.a[2, 0] *= 50
+    strong.sip.b[0, 2] *= 50
+    mapping = PixelMapping.from_wcs(strong, DST_BOX, SRC_WCS, interp_length=60)
+    box = Box(130, 170, 200, 150)  # a tile of the destination box
+    grid = mapping.cells(box)
+    src_box = mapping.source_box(box, margin=5)
+    rng = np.random.default_rng(7)
+    img = rng.normal(100.0, 1.0, src_box.shape)
+    var = rng.uniform(1.0, 2.0, src_box.shape)
+    mask = rng.choice(np.array([0, 1, 4, 16], np.uint32), src_box.shape, p=[0.97, 0.01, 0.01,
+                                                                           0.01])
+    expected = resample_block(img, var, mask, src_box, grid, mapping.step, box, kernel=kernel,
+                              no_data_bit=5, selected=None,
+                              spans=np.tile([0, src_box.width], (src_box.height, 1)))
+    spans = source_spans(grid, mapping.step, box, src_box, kernel=kernel)
+    first, stop = spans[:, 0], spans[:, 1]
+    cols = np.arange(src_box.width)
+    outside = (cols < first[:, None]) | (cols >= stop[:, None])
+    assert 0.2 < outside.mean() < 0.8  # the rotated footprint leaves much of the box out
+    got = resample_block(np.where(outside, np.nan, img), np.where(outside, -1.0, var),
+                         np.where(outside, np.uint32(1 << 30), mask), src_box, grid,
+                         mapping.step, box, kernel=kernel, no_data_bit=5, selected=None,
+                         spans=spans)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert (got[2] & (1 << 5)).mean() < 0.01
