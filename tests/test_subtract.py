@@ -36,7 +36,7 @@ def _clipped_mean(values, nsigma=3.0, n_iter=3):
     q1, centre, q3 = np.percentile(values, [25, 50, 75])
     half_width = nsigma * 0.741 * (q3 - q1)
     for _ in range(n_iter):
-        kept = values[np.abs(values - centre) < half_width]
+        kept = values[np.abs(values - centre) <= half_width]
         centre, half_width = kept.mean(), nsigma * kept.std(ddof=1)
     return float(centre)
 
