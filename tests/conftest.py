@@ -64,3 +64,16 @@ def requires_real_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not available: {path}")
     return path
+
+
+def tract_one_nearer(skymap, template) -> np.ndarray:
+    """True where a template pixel's sky position is nearer tract 1's centre than tract 0's."""
+    from daskdiff.skymap import angular_separation
+    from daskdiff.wcs import pixel_to_sky
+
+    box = template.dd.box
+    xs, ys = np.meshgrid(box.xs(), box.ys())
+    ra, dec = pixel_to_sky(template.attrs["wcs"], xs.ravel(), ys.ravel())
+    d0 = angular_separation(skymap[0].ra, skymap[0].dec, ra, dec)
+    d1 = angular_separation(skymap[1].ra, skymap[1].dec, ra, dec)
+    return (d1 < d0).reshape(box.shape)

@@ -43,7 +43,7 @@ from daskdiff.template import (
 from daskdiff.warp import warp_exposure
 from daskdiff.wcs import pixel_to_sky, sky_to_pixel
 
-from .conftest import make_tan_wcs
+from .conftest import make_tan_wcs, tract_one_nearer
 
 RA0, DEC0 = 55.0, -30.0
 SEPARATION = 0.05  # deg between tract centres (along RA)
@@ -178,19 +178,6 @@ def _truth(template):
     return image
 
 
-def _ownership(template):
-    """True where the pixel's sky position is nearer tract 1's centre than tract 0's."""
-    sm = _skymap()
-    box = template.dd.box
-    xs, ys = np.meshgrid(box.xs(), box.ys())
-    ra, dec = pixel_to_sky(template.attrs["wcs"], xs.ravel(), ys.ravel())
-    from daskdiff.skymap import angular_separation
-
-    d0 = angular_separation(sm[0].ra, sm[0].dec, ra, dec)
-    d1 = angular_separation(sm[1].ra, sm[1].dec, ra, dec)
-    return (d1 < d0).reshape(box.shape)
-
-
 def test_metadata(template, repo_and_patches):
     _, wanted = repo_and_patches
     assert template.dd.box == DETECTOR.grow(20)
@@ -210,12 +197,12 @@ def test_equals_truth_within_noise_and_no_seam(template):
     assert n > 0.95 * good.size
     assert abs(residual.mean()) < 5 * sigma.mean() / math.sqrt(n)
     assert residual.std() == pytest.approx(np.sqrt(np.mean(sigma**2)), rel=0.10)
-    owner = _ownership(template)[good]
+    owner = tract_one_nearer(_skymap(), template)[good]
     assert 0.1 < owner.mean() < 0.9
     # statistics in a strip along the seam equal those elsewhere
     from scipy import ndimage
 
-    full_owner = _ownership(template)
+    full_owner = tract_one_nearer(_skymap(), template)
     seam = ndimage.binary_dilation(full_owner ^ ndimage.binary_erosion(full_owner), iterations=15)
     strip = seam[good]
     for part in (strip, ~strip):

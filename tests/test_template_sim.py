@@ -20,9 +20,10 @@ from daskdiff import load, mask_of
 from daskdiff.repository import Repository
 from daskdiff.simulate import simulate
 from daskdiff.simulate.presets import get_preset
-from daskdiff.skymap import angular_separation
 from daskdiff.template import GetTemplateConfig, get_template
-from daskdiff.wcs import pixel_to_sky, sky_to_pixel
+from daskdiff.wcs import sky_to_pixel
+
+from .conftest import tract_one_nearer
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +65,6 @@ def _truth_and_galaxies(repo, template):
     return truth, near_galaxy
 
 
-def _tract_one_nearer(repo, template):
-    skymap = repo.get_skymap()
-    box = template.dd.box
-    xs, ys = np.meshgrid(box.xs(), box.ys())
-    ra, dec = pixel_to_sky(template.attrs["wcs"], xs.ravel(), ys.ravel())
-    d0 = angular_separation(skymap[0].ra, skymap[0].dec, ra, dec)
-    d1 = angular_separation(skymap[1].ra, skymap[1].dec, ra, dec)
-    return (d1 < d0).reshape(box.shape)
-
-
 def _check_noise(residual, sigma):
     assert abs(residual.mean()) < 5 * sigma.mean() / math.sqrt(residual.size)
     assert residual.std() == pytest.approx(np.sqrt(np.mean(sigma**2)), rel=0.10)
@@ -90,7 +81,7 @@ def test_template_equals_truth_within_noise_across_the_seam(sim):
     sigma = np.sqrt(template["variance"].values[use])
     _check_noise(residual, sigma)
     # the detector straddles the seam between the tracts: both own a good part of it
-    owner = _tract_one_nearer(repo, template)
+    owner = tract_one_nearer(repo.get_skymap(), template)
     assert 0.1 < owner[use].mean() < 0.9
     seam = ndimage.binary_dilation(owner ^ ndimage.binary_erosion(owner), iterations=15)
     strip = seam[use]

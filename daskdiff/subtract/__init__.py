@@ -333,9 +333,11 @@ def _subtract(science, template, sci, tmpl, sci_psf, tmpl_psf, config, sources, 
     sci_sigma, tmpl_sigma = sci_size.sigma, tmpl_size.sigma
     if mode == "convolveTemplate":
         target, reference, target_exp, reference_exp = sci, tmpl, science, template
+        target_psf, reference_psf = sci_psf, tmpl_psf
         plan = plan_basis(sci_sigma, tmpl_sigma, config=config)
     else:
         target, reference, target_exp, reference_exp = tmpl, sci, template, science
+        target_psf, reference_psf = tmpl_psf, sci_psf
         plan = plan_basis(tmpl_sigma, sci_sigma, config=config)
     basis = make_basis(plan, config=config)
     half = plan.size // 2
@@ -357,9 +359,8 @@ def _subtract(science, template, sci, tmpl, sci_psf, tmpl_psf, config, sources, 
     solution, used = fit_kernel(systems, images, sbox, config=config, convolved=convolved)
     kernel_sources["used"] = used
     kappa = solution.kernel_sum
-    kappa_model = model_kernel_sum(sci_psf if mode == "convolveTemplate" else tmpl_psf,
-                                   tmpl_psf if mode == "convolveTemplate" else sci_psf, basis,
-                                   position=sbox.center, config=config)
+    kappa_model = model_kernel_sum(target_psf, reference_psf, basis, position=sbox.center,
+                                   config=config)
 
     matched_full = convolve_exposure(reference_exp, solution,
                                      scale=kappa if mode == "convolveScience" else 1.0,

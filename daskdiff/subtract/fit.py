@@ -43,7 +43,10 @@ class CandidateSystems:
     chi_sum_a: np.ndarray  # (c, m)     sum A / sqrt(v)
     chi_sum_s: np.ndarray  # (c,)       sum s / sqrt(v)
     n_pix: int
-    noise_normal: np.ndarray | None = None  # (c, m, m) expected reference-noise part of normal
+    # the expected reference-noise part of candidate k's normal matrix is
+    # noise_scale[k] * noise_gram (both None without a noise model)
+    noise_scale: np.ndarray | None = None  # (c,)
+    noise_gram: np.ndarray | None = None   # (m, m)
 
     def residual_stats(self, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return the mean and std of ``(s - A a) / sqrt(v)`` per candidate."""
@@ -58,7 +61,8 @@ class CandidateSystems:
         return CandidateSystems(*(getattr(self, f)[keep] for f in (
             "x", "y", "normal", "rhs", "chi_normal", "chi_rhs", "chi_ss", "chi_sum_a",
             "chi_sum_s")), n_pix=self.n_pix,
-            noise_normal=None if self.noise_normal is None else self.noise_normal[keep])
+            noise_scale=None if self.noise_scale is None else self.noise_scale[keep],
+            noise_gram=self.noise_gram)
 
 
 def _stamps(image: np.ndarray, origin: tuple[int, int], xs: np.ndarray, ys: np.ndarray,
@@ -134,7 +138,8 @@ def build_systems(target: dict[str, np.ndarray], reference: dict[str, np.ndarray
     reference_noise : numpy.ndarray, optional
         The reference image's pixel-noise autocovariance in units of its variance plane
         (:func:`~daskdiff.subtract.variance.noise_covariance`). When given, each candidate's
-        expected noise contribution to its normal matrix is stored as ``noise_normal`` (see
+        expected noise contribution to its normal matrix is stored as ``noise_scale`` times
+        ``noise_gram`` (see
         :func:`noise_gram`), for the errors-in-variables correction of the spatial fit.
     """
     separable = isinstance(basis, SeparableBasis)
@@ -176,15 +181,16 @@ def build_systems(target: dict[str, np.ndarray], reference: dict[str, np.ndarray
             chi[k] = scaled[k] @ scaled[k].T
         sums = scaled.sum(axis=2)
         out["normal"].append(plain[:, :m, :m] * weight[:, None, None])
-        out["noise_scale"].append(weight * side * side  # median of every 4th pixel: cheap
-                                  * np.median(r_var.reshape(nc, -1)[:, ::4], axis=1))
+        if reference_noise is not None:  # median of every 4th pixel: cheap
+            out["noise_scale"].append(weight * side * side
+                                      * np.median(r_var.reshape(nc, -1)[:, ::4], axis=1))
         out["rhs"].append(plain[:, :m, m] * weight[:, None])
         out["chi_normal"].append(chi[:, :m, :m])
         out["chi_rhs"].append(chi[:, :m, m])
         out["chi_ss"].append(chi[:, m, m])
         out["chi_sum_a"].append(sums[:, :m])
         out["chi_sum_s"].append(sums[:, m])
-    noise_scale = np.concatenate(out.pop("noise_scale")) if c else np.zeros(0)
+    noise_scale = out.pop("noise_scale")
     arrays = {k: (np.concatenate(v) if v else np.zeros((0, m, m) if "normal" in k else (0, m)))
               for k, v in out.items()}
     if separable:  # from the raw kernels to the renormalised basis
@@ -195,7 +201,8 @@ def build_systems(target: dict[str, np.ndarray], reference: dict[str, np.ndarray
     if reference_noise is not None:
         gram = np.zeros((m, m))
         gram[:nb, :nb] = noise_gram(basis.images() if separable else basis, reference_noise)
-        arrays["noise_normal"] = noise_scale[:, None, None] * gram[None]
+        arrays["noise_scale"] = np.concatenate(noise_scale) if noise_scale else np.zeros(0)
+        arrays["noise_gram"] = gram
     return CandidateSystems(x=np.asarray(xs, float), y=np.asarray(ys, float), n_pix=side * side,
                             **arrays)
 
@@ -318,8 +325,9 @@ def _spatial_solve(systems: CandidateSystems, phi: np.ndarray, penalty: np.ndarr
         full[0, 0] = penalty[0, 0]
         normal = normal + np.trace(normal) / normal.shape[0] * full
     cond = float(np.linalg.cond(normal))
-    if correct_noise and systems.noise_normal is not None:
-        noise = flat_phi.T @ np.matmul(systems.noise_normal, phi).reshape(-1, npar)
+    if correct_noise and systems.noise_scale is not None:
+        scaled = systems.noise_scale[:, None, None] * np.matmul(systems.noise_gram, phi)
+        noise = flat_phi.T @ scaled.reshape(-1, npar)
         solved = _corrected_solve(normal, noise, rhs)
         if solved is not None:
             return solved[0], cond, solved[1]

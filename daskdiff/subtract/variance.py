@@ -56,12 +56,13 @@ def _blocks(shape: tuple[int, int], *, block: int = 512, max_pixels: int = 1 << 
             ) -> list[tuple[slice, slice]]:
     """Return blocks on diagonal stripes covering about ``max_pixels`` (all if small).
 
-    Every row and every column of blocks is sampled, so the statistics see the whole field.
+    Every row and every column of blocks is sampled (the stripe spacing never exceeds the
+    number of block rows or columns), so the statistics see the whole field.
     """
     ny, nx = shape
     if ny * nx <= max_pixels:
         return [(slice(0, ny), slice(0, nx))]
-    step = int(np.ceil(ny * nx / max_pixels))
+    step = min(int(np.ceil(ny * nx / max_pixels)), -(-max(ny, nx) // block))
     return [(slice(y, min(y + block, ny)), slice(x, min(x + block, nx)))
             for i, y in enumerate(range(0, ny, block)) for j, x in enumerate(range(0, nx, block))
             if (i + j) % step == 0]
@@ -159,7 +160,7 @@ def noise_covariance(image: np.ndarray, variance: np.ndarray, bad: np.ndarray, *
     reach = max_lag + 3
     sums = np.zeros((2 * reach + 1,) * 2)
     counts = np.zeros_like(sums)
-    for sl in _blocks(image.shape, max_pixels=1 << 19):
+    for sl in _blocks(image.shape, block=256, max_pixels=1 << 20):
         img, v = image[sl], variance[sl]
         good = ~bad[sl] & np.isfinite(img) & np.isfinite(v) & (v > 0)
         if good.sum() < 100:
