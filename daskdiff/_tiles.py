@@ -22,7 +22,8 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .box import Box
 
-__all__ = ["call3", "call_keys", "chunk_pieces", "constant", "regrid", "tile_tasks", "tilewise3"]
+__all__ = ["call3", "call_keys", "chunk_pieces", "constant", "regrid", "tile_tasks", "tilewise3",
+           "wrap"]
 
 
 def _fill_cell(chunks: list[np.ndarray], src: list[tuple[slice, slice]],
@@ -266,3 +267,31 @@ def tile_tasks(func: Any, calls: dict[tuple[int, int], tuple[list[Any], dict[str
         graph = HighLevelGraph.from_collections(name, layer, dependencies=[holder])
         arrays.append(da.Array(graph, name, chunks, dtype=dtype))
     return arrays
+
+
+def wrap(array: np.ndarray, chunks: Any) -> da.Array:
+    """Return a dask array whose chunks are views of an in-memory 2-D array (no copy).
+
+    :func:`dask.array.from_array` copies a numpy input (and hashes it unless given a name); for
+    planes a stage has just loaded, that doubles their memory. Like an xarray variable, the
+    result shares memory with ``array``: do not modify ``array`` while the result is in use.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        A 2-D array.
+    chunks : int, tuple or str
+        Any chunk specification :func:`dask.array.core.normalize_chunks` accepts.
+
+    Returns
+    -------
+    dask.array.Array
+        The tiled array, one graph key per chunk and no tasks.
+    """
+    chunks = da.core.normalize_chunks(chunks, array.shape, dtype=array.dtype)
+    name = f"wrap-{uuid4().hex}"  # no hashing of the data
+    ys, xs = _edges(0, chunks[0]), _edges(0, chunks[1])
+    graph = {(name, i, j): array[y0:y1, x0:x1]
+             for i, (y0, y1) in enumerate(pairwise(ys)) for j, (x0, x1) in enumerate(pairwise(xs))}
+    return da.Array(HighLevelGraph.from_collections(name, graph, dependencies=()), name, chunks,
+                    meta=array[:0, :0])

@@ -36,7 +36,7 @@ import numpy as np
 import xarray as xr
 from scipy.interpolate import RectBivariateSpline
 
-from ._tiles import call_keys, chunk_pieces, constant
+from ._tiles import call_keys, chunk_pieces, constant, wrap
 from .box import Box
 from .errors import ConfigError, InputError, NoWorkError
 from .exposure import (
@@ -760,4 +760,4 @@ def _as_dask(array: Any) -> da.Array:
         return array
     if not isinstance(array, np.ndarray):
         raise InputError(f"exposure planes must be numpy or dask arrays, got {type(array)}")
-    return da.from_array(array, chunks=array.shape, name=False)
+    return wrap(array, array.shape)  # no copy: the source is only read

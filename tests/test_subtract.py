@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dask
 import numpy as np
 import pytest
 
@@ -435,11 +436,15 @@ def _with_mask(exposure, mask):
     return result
 
 
-def test_template_masks_are_renamed_and_science_masks_kept():
+@pytest.mark.parametrize("chunks", [None, 64])
+def test_template_masks_are_renamed_and_science_masks_kept(chunks):
     """LSST updateMasks: template SAT/INJECTED -> *_TEMPLATE, other template planes cleared,
-    science DETECTED cleared and its other planes kept; INJECTED_TEMPLATE stays undilated."""
-    science, template, truth = _pair(2.4, 2.0)
-    planes = science.attrs["mask_planes"]
+    science DETECTED cleared and its other planes kept, legacy FAKE -> INJECTED;
+    INJECTED_TEMPLATE stays undilated. Tiled and whole-image housekeeping agree."""
+    science, template, truth = _pair(2.4, 2.0, chunks=chunks)
+    planes = science.attrs["mask_planes"].with_planes("FAKE")
+    science.attrs["mask_planes"] = planes
+    template.attrs["mask_planes"] = planes
     smask = np.asarray(science["mask"].values).copy()
     tmask = np.asarray(template["mask"].values).copy()
     tbox, sbox = exposure_box(template), exposure_box(science)
@@ -449,6 +454,7 @@ def test_template_masks_are_renamed_and_science_masks_kept():
     tmask[ty, tx + 40] |= planes.bitmask("CR", "SUSPECT")
     smask[150, 60] |= planes.bitmask("SAT", "INTRP")
     smask[160, 60] |= planes.bitmask("DETECTED")
+    smask[170, 60] |= planes.bitmask("FAKE", "CR")
     result = subtract(_with_mask(science, smask), _with_mask(template, tmask), sources=truth)
     mask = result.difference["mask"].values
     out = result.difference.attrs["mask_planes"]
@@ -461,6 +467,13 @@ def test_template_masks_are_renamed_and_science_masks_kept():
     assert not mask[100, 160] & out.bitmask("CR", "SUSPECT")
     assert mask[150, 60] & out.bitmask("SAT") and mask[150, 60] & out.bitmask("INTRP")
     assert not mask[160, 60] & out.bitmask("DETECTED")
+    assert mask[170, 60] & out.bitmask("INJECTED") and mask[170, 60] & out.bitmask("CR")
+    assert not mask[170, 60] & out.bitmask("FAKE")
+    if chunks:  # the housekeeping is per tile; the result equals the whole-image one
+        assert result.difference["mask"].data.chunks[0][0] == chunks
+        whole = subtract(_with_mask(science, smask).compute(),
+                         _with_mask(template, tmask).compute(), sources=truth)
+        np.testing.assert_array_equal(whole.difference["mask"].values, mask)
 
 
 def _moffat_scene(fwhm, scale, *, seed):
@@ -549,3 +562,31 @@ def test_noise_covariance():
     kernel = noise_covariance(box + structure, ones, clear)
     np.testing.assert_allclose(kernel[2, 2:], [1.0, 0.5, 0.0], atol=0.05)
     np.testing.assert_allclose(kernel[3, 3], 0.25, atol=0.05)
+
+
+def test_memory_budget_of_a_tiled_subtraction():
+    """Peak traced memory of subtract + compute stays within 2.5x the (tiled) inputs.
+
+    The stage holds one loaded copy of both exposures (1x), the difference planes (~0.5x) and
+    per-tile work. Copies made by ``dask.array.from_array``, whole-image background grids or
+    second whole-image masks (3.2x before they were removed) break the budget.
+    """
+    import tracemalloc
+
+    kwargs = dict(x_size=2048, y_size=2048, n_src=600, noise_level=5.0, flux_level=5000.0,
+                  chunks=512)
+    science, _ = make_test_image(psf_size=2.4, noise_seed=6, **kwargs)
+    template, _ = make_test_image(psf_size=2.0, noise_seed=7, template_border=20, **kwargs)
+    science, template = science.persist(), template.persist()
+    inputs = sum(exp[name].data.nbytes for exp in (science, template)
+                 for name in ("image", "variance", "mask"))
+    with dask.config.set(scheduler="synchronous"):
+        tracemalloc.start()
+        try:
+            result = subtract(science, template)
+            dask.compute(*(result.difference[name].data
+                           for name in ("image", "variance", "mask")))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak <= 2.5 * inputs, f"peak {peak / 2**20:.0f} MiB for {inputs / 2**20:.0f} MiB"

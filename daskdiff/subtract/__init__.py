@@ -19,6 +19,7 @@ import numpy as np
 import xarray as xr
 from astropy.table import Table
 
+from .._tiles import wrap
 from ..errors import AlgorithmError, InputError, NoWorkError
 from ..exposure import (
     cutout,
@@ -96,32 +97,42 @@ def _output_planes(science: MaskPlanes, template: MaskPlanes) -> MaskPlanes:
     return science.with_planes(*renamed, *extra)
 
 
-def _science_mask(mask: np.ndarray, planes: MaskPlanes) -> np.ndarray:
-    """Clear DETECTED and DETECTED_NEGATIVE; legacy FAKE becomes INJECTED (LSST updateMasks)."""
-    out = mask & ~_bits(planes, ("DETECTED", "DETECTED_NEGATIVE"))
-    if "FAKE" in set(planes):
-        fake = _bits(planes, ("FAKE",))
-        out = np.where(out & fake, (out & ~fake) | _bits(planes, ("INJECTED",)), out)
-    return out.astype(np.uint32, copy=False)
+_BitMoves = tuple[int, tuple[tuple[int, int], ...]]
 
 
-def _template_mask(mask: np.ndarray, planes: MaskPlanes, out_planes: MaskPlanes) -> np.ndarray:
-    """Return the template mask as the products carry it (LSST updateMasks).
+def _science_moves(planes: MaskPlanes, out_planes: MaskPlanes) -> _BitMoves:
+    """Clear DETECTED and DETECTED_NEGATIVE; legacy FAKE becomes INJECTED (LSST updateMasks).
+
+    Returns ``(keep, moves)`` for :func:`_move_bits`; ``out_planes`` extends the science
+    registry, so every other plane keeps its bit.
+    """
+    keep = 0xFFFFFFFF & ~int(_bits(planes, ("DETECTED", "DETECTED_NEGATIVE", "FAKE")))
+    moves = ((planes["FAKE"], out_planes["INJECTED"]),) if "FAKE" in set(planes) else ()
+    return keep, moves
+
+
+def _template_moves(planes: MaskPlanes, out_planes: MaskPlanes) -> _BitMoves:
+    """Return the template's mask housekeeping (LSST updateMasks) for :func:`_move_bits`.
 
     NO_DATA, BAD and HIGH_VARIANCE are kept; SAT, INJECTED, INJECTED_CORE (and legacy FAKE)
-    become ``*_TEMPLATE``; every other plane is cleared. Bits are those of ``out_planes``.
+    become ``*_TEMPLATE``; every other plane is cleared. Targets are bits of ``out_planes``.
     """
-    out = np.zeros(mask.shape, np.uint32)
-    moves = [(name, name) for name in _PRESERVE_TEMPLATE if name in set(planes)]
-    moves += [(name, f"{name}_TEMPLATE") for name in _RENAME_TEMPLATE if name in set(planes)]
-    if "FAKE" in set(planes):
+    names = set(planes)
+    moves = [(name, name) for name in _PRESERVE_TEMPLATE if name in names]
+    moves += [(name, f"{name}_TEMPLATE") for name in _RENAME_TEMPLATE if name in names]
+    if "FAKE" in names:
         moves.append(("FAKE", "INJECTED_TEMPLATE"))
+    return 0, tuple((planes[source], out_planes[target]) for source, target in moves)
+
+
+def _move_bits(mask: np.ndarray, keep: int, moves: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """Return ``mask & keep`` with each ``(source, target)`` bit copied to its target bit."""
+    out = mask & np.uint32(keep)
     present = int(np.bitwise_or.reduce(mask, axis=None)) if mask.size else 0
     for source, target in moves:
-        if present & (1 << planes[source]):  # move the bit: shift down to 0, up to the target
-            out |= ((mask >> np.uint32(planes[source])) & np.uint32(1)) << np.uint32(
-                out_planes[target])
-    return out
+        if present & (1 << source):  # shift the bit down to 0, then up to the target
+            out |= ((mask >> np.uint32(source)) & np.uint32(1)) << np.uint32(target)
+    return out.astype(np.uint32, copy=False)
 
 
 @dataclass(frozen=True)
@@ -198,23 +209,27 @@ def _aligned_chunks(science: xr.Dataset, box) -> tuple[tuple[int, ...], tuple[in
 
 
 def _from_loaded(exposure: xr.Dataset, arrays: dict[str, np.ndarray],
-                 chunks: Any = None, *, mask: np.ndarray | None = None,
-                 mask_planes: MaskPlanes | None = None) -> xr.Dataset:
-    """Rebuild an exposure on its loaded planes, keeping its tiling (no recomputation)."""
+                 chunks: Any = None, *, housekeeping: _BitMoves,
+                 mask_planes: MaskPlanes) -> xr.Dataset:
+    """Rebuild an exposure on its loaded planes, keeping its tiling (no recomputation).
+
+    The mask planes are rewritten by ``housekeeping`` (:func:`_move_bits`), per tile when the
+    exposure is tiled (no second whole-image mask is held).
+    """
     if chunks is None:
         data = exposure["image"].data
         chunks = data.chunks if isinstance(data, da.Array) else None
-    source = {"image": arrays["image"], "variance": arrays["variance"],
-              "mask": arrays["mask"] if mask is None else mask}
-    planes = {name: (da.from_array(value, chunks=chunks, name=False) if chunks else value)
-              for name, value in source.items()}
+    keep, moves = housekeeping
+    if chunks:
+        planes = {name: wrap(arrays[name], chunks) for name in ("image", "variance", "mask")}
+        planes["mask"] = planes["mask"].map_blocks(_move_bits, keep, moves, dtype=np.uint32)
+    else:
+        planes = {"image": arrays["image"], "variance": arrays["variance"],
+                  "mask": _move_bits(arrays["mask"], keep, moves)}
     box = exposure_box(exposure)
-    attrs = {k: exposure.attrs.get(k) for k in ("wcs", "psf", "photo_calib", "visit_info",
-                                                 "mask_planes")}
-    if mask_planes is not None:
-        attrs["mask_planes"] = mask_planes
+    attrs = {k: exposure.attrs.get(k) for k in ("wcs", "psf", "photo_calib", "visit_info")}
     return make_exposure(planes["image"], variance=planes["variance"], mask=planes["mask"],
-                         x0=box.x0, y0=box.y0, chunks=None, **attrs)
+                         x0=box.x0, y0=box.y0, chunks=None, mask_planes=mask_planes, **attrs)
 
 
 def _tiled_like(exposure: xr.Dataset, reference: xr.Dataset) -> xr.Dataset:
@@ -236,15 +251,6 @@ def _coverage(science: dict, template: dict, no_data: np.uint32) -> float:
     covered = count_covered(science["image"], science["mask"], template["image"],
                             template["mask"], dy, dx, no_data)
     return float(covered / max(science["image"].size, 1))
-
-
-def _scaled(exposure: xr.Dataset, factor: float) -> xr.Dataset:
-    if factor == 1.0:
-        return exposure
-    result = exposure.copy(deep=False)
-    result["variance"] = (exposure["variance"] * np.float32(factor)).astype(np.float32)
-    result.attrs = dict(exposure.attrs)
-    return result
 
 
 def subtract(science: xr.Dataset, template: xr.Dataset, *,
@@ -289,12 +295,6 @@ def subtract(science: xr.Dataset, template: xr.Dataset, *,
     # statistics and kernel-source cuts read the original masks (``planes``); the products
     # carry the housekept ones (LSST updateMasks) in the science registry plus *_TEMPLATE
     sci["planes"], tmpl["planes"] = get_mask_planes(science), get_mask_planes(template)
-    out_planes = _output_planes(sci["planes"], tmpl["planes"])
-    science = _from_loaded(science, sci, mask=_science_mask(sci["mask"], sci["planes"]),
-                           mask_planes=out_planes)
-    template = _from_loaded(template, tmpl, _aligned_chunks(science, exposure_box(template)),
-                            mask=_template_mask(tmpl["mask"], tmpl["planes"], out_planes),
-                            mask_planes=out_planes)
     coverage = _coverage(sci, tmpl, no_data)
     metadata: dict[str, Any] = {"template_coverage": coverage}
     if coverage < config.required_template_fraction:
@@ -302,6 +302,13 @@ def subtract(science: xr.Dataset, template: xr.Dataset, *,
                           f"required_template_fraction = {config.required_template_fraction}",
                           metadata=metadata)
     try:
+        metadata.update(_scale_variances(sci, tmpl, config))
+        out_planes = _output_planes(sci["planes"], tmpl["planes"])
+        science = _from_loaded(science, sci, housekeeping=_science_moves(sci["planes"], out_planes),
+                               mask_planes=out_planes)
+        template = _from_loaded(template, tmpl, _aligned_chunks(science, exposure_box(template)),
+                                housekeeping=_template_moves(tmpl["planes"], out_planes),
+                                mask_planes=out_planes)
         return _subtract(science, template, sci, tmpl, sci_psf, tmpl_psf, config, sources,
                          metadata)
     except AlgorithmError as error:
@@ -313,21 +320,28 @@ def subtract(science: xr.Dataset, template: xr.Dataset, *,
         raise
 
 
-def _subtract(science, template, sci, tmpl, sci_psf, tmpl_psf, config, sources, metadata):
-    sbox, tbox = exposure_box(science), exposure_box(template)
-    scale_bad_s, scale_bad_t = _bits(sci["planes"], _SCALE_BAD), _bits(tmpl["planes"], _SCALE_BAD)
+def _scale_variances(sci: dict[str, Any], tmpl: dict[str, Any],
+                     config: AlardLuptonConfig) -> dict[str, float]:
+    """Rescale both loaded variance planes to their pixel noise (reference §2.1 item 4).
+
+    The scaled plane replaces the loaded one before any lazy plane is built on it, so only one
+    copy of each variance plane is ever held.
+    """
     factors = {"science": 1.0, "template": 1.0}
     if config.do_scale_variance:
-        for name, arrays, bits in (("science", sci, scale_bad_s), ("template", tmpl, scale_bad_t)):
+        for name, arrays in (("science", sci), ("template", tmpl)):
             factors[name] = variance_scale_factor(
-                arrays["image"], arrays["variance"], (arrays["mask"], bits),
+                arrays["image"], arrays["variance"],
+                (arrays["mask"], _bits(arrays["planes"], _SCALE_BAD)),
                 limit=config.scale_variance_limit, what=name)
-            arrays["variance"] = arrays["variance"] * np.float32(factors[name])
-    science = _scaled(science, factors["science"])
-    template = _scaled(template, factors["template"])
-    metadata.update(scale_science_variance_factor=factors["science"],
-                    scale_template_variance_factor=factors["template"])
+            if factors[name] != 1.0:
+                arrays["variance"] = arrays["variance"] * np.float32(factors[name])
+    return {"scale_science_variance_factor": factors["science"],
+            "scale_template_variance_factor": factors["template"]}
 
+
+def _subtract(science, template, sci, tmpl, sci_psf, tmpl_psf, config, sources, metadata):
+    sbox, tbox = exposure_box(science), exposure_box(template)
     sci_size, tmpl_size = PsfSize.of(sci_psf), PsfSize.of(tmpl_psf)
     mode = choose_mode(sci_size, tmpl_size, config.mode)
     sci_sigma, tmpl_sigma = sci_size.sigma, tmpl_size.sigma
@@ -378,11 +392,9 @@ def _subtract(science, template, sci, tmpl, sci_psf, tmpl_psf, config, sources, 
         psf, other = tmpl_psf, science
         factor = kappa
     if config.subtract_background:
-        ys, xs = np.mgrid[sbox.y0:sbox.y1, sbox.x0:sbox.x1]
-        background = solution.background_at(xs, ys)
         sign = 1.0 if mode == "convolveTemplate" else -1.0 / kappa
-        diff_image = diff_image - da.from_array((sign * background).astype(np.float32),
-                                                chunks=diff_image.chunks)
+        diff_image = diff_image.map_blocks(_minus_background, solution=solution, sign=sign,
+                                           origin=(sbox.x0, sbox.y0), dtype=np.float32)
     mask = matched["mask"].data | unconv["mask"].data
 
     decor_meta: dict[str, Any] = {}
@@ -419,6 +431,16 @@ def _subtract(science, template, sci, tmpl, sci_psf, tmpl_psf, config, sources, 
         **_limiting_magnitudes(science, template, sci, tmpl, sci_size, tmpl_size))
     return SubtractionResult(difference=difference, matched=matched, kernel=solution,
                              kernel_sources=kernel_sources, score=None, metadata=metadata)
+
+
+def _minus_background(block: np.ndarray, *, solution: KernelSolution, sign: float,
+                      origin: tuple[int, int], block_info: dict | None = None) -> np.ndarray:
+    """Subtract ``sign`` times the fitted differential background from one tile."""
+    (y0, y1), (x0, x1) = block_info[0]["array-location"] if block_info else (
+        (0, block.shape[0]), (0, block.shape[1]))
+    xs, ys = np.meshgrid(np.arange(origin[0] + x0, origin[0] + x1),
+                         np.arange(origin[1] + y0, origin[1] + y1))
+    return block - (sign * solution.background_at(xs, ys)).astype(np.float32)
 
 
 def _mean_variance(arrays: dict[str, Any], exposure: xr.Dataset) -> float:

@@ -19,6 +19,7 @@ import numpy as np
 import xarray as xr
 from scipy import fft as sfft
 
+from .._tiles import wrap
 from ..exposure import exposure_box, get_mask_planes, make_exposure
 from ._compiled import or_dilate
 from .kernel import KernelSolution, scaled_position
@@ -29,7 +30,7 @@ __all__ = ["convolve_exposure", "convolve_plane"]
 def _as_dask(array: Any) -> da.Array:
     if isinstance(array, da.Array):
         return array
-    return da.from_array(np.asarray(array), chunks=array.shape, name=False)
+    return wrap(np.asarray(array), array.shape)
 
 
 def _edges(chunks: tuple[int, ...]) -> np.ndarray:
