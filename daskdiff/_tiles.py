@@ -22,8 +22,8 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .box import Box
 
-__all__ = ["call3", "call_keys", "chunk_pieces", "constant", "regrid", "tile_tasks", "tilewise3",
-           "wrap"]
+__all__ = ["as_dask", "call3", "call_keys", "chunk_pieces", "constant", "regrid", "tile_tasks",
+           "tilewise3", "wrap"]
 
 
 def _fill_cell(chunks: list[np.ndarray], src: list[tuple[slice, slice]],
@@ -295,3 +295,11 @@ def wrap(array: np.ndarray, chunks: Any) -> da.Array:
              for i, (y0, y1) in enumerate(pairwise(ys)) for j, (x0, x1) in enumerate(pairwise(xs))}
     return da.Array(HighLevelGraph.from_collections(name, graph, dependencies=()), name, chunks,
                     meta=array[:0, :0])
+
+
+def as_dask(array: Any) -> da.Array:
+    """Return a dask array as it is, anything else as one chunk wrapped without a copy."""
+    if isinstance(array, da.Array):
+        return array
+    array = np.asarray(array)
+    return wrap(array, array.shape)

@@ -65,10 +65,10 @@ from .psf.warped import CoaddPsf, WarpedPsf
 from .warp import (
     KERNELS,
     PixelMapping,
-    _as_dask,
-    _scratch,
-    _selection,
     resample_block,
+    scratch,
+    selected_part,
+    source_planes,
     source_spans,
     warp_exposure,
 )
@@ -882,11 +882,6 @@ class _TileSource:
     part: Box
 
 
-def _source_planes(patch: xr.Dataset) -> list[da.Array]:
-    planes = [_as_dask(patch[name].data) for name in ("image", "variance", "mask")]
-    return [p if p.chunks == planes[0].chunks else p.rechunk(planes[0].chunks) for p in planes]
-
-
 def _warp_tract(chunks: Sequence[np.ndarray], source: _TileSource, tract: dict[str, Any],
                 box: Box, *, kernel: str, conserve_flux: bool,
                 out: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
@@ -898,7 +893,7 @@ def _warp_tract(chunks: Sequence[np.ndarray], source: _TileSource, tract: dict[s
     need = source.need
     step = tract["step"]
     spans = source_spans(source.grid, step, source.part, need, kernel=kernel)
-    with _scratch() as take:
+    with scratch() as take:
         _merge_and_warp(chunks, source, tract, box, spans, take, kernel=kernel,
                         conserve_flux=conserve_flux, out=out)
 
@@ -964,7 +959,7 @@ def _template_tile(*chunks: np.ndarray, sources: list[_TileSource],
         if source.need.is_empty:
             images[k] = 0.0
             variances[k] = 0.0
-            masks[k] = tracts[source.index]["no_data_bit_value"]
+            masks[k] = tracts[source.index]["no_data"]
             continue
         used = 3 * sum(len(p) for p in source.pieces)
         _warp_tract(chunks[at:at + used], source, tracts[source.index], box,
@@ -1012,7 +1007,7 @@ def _fused_template(wcs: Any, box: Box, patches: Mapping[int, Sequence[xr.Datase
             continue
         mapping = PixelMapping.from_wcs(copy_wcs(wcs), box, copy_wcs(tract_wcs),
                                         interp_length=config.interp_length)
-        tracts.append(_Tract(index, boxes, [_source_planes(p) for p in group], region, mapping,
+        tracts.append(_Tract(index, boxes, [source_planes(p) for p in group], region, mapping,
                              combine(get_mask_planes(p) for p in group),
                              None if owner is None else owner.selection(index)))
         for patch, patch_box in zip(group, boxes, strict=True):
@@ -1028,7 +1023,6 @@ def _fused_template(wcs: Any, box: Box, patches: Mapping[int, Sequence[xr.Datase
     constants = {t.index: {"no_data": int(1 << t.mask_planes["NO_DATA"]),
                            "bad_bits": int(t.mask_planes.bitmask("NO_DATA")),
                            "no_data_bit": t.mask_planes["NO_DATA"],
-                           "no_data_bit_value": int(1 << t.mask_planes["NO_DATA"]),
                            "step": t.mapping.step} for t in tracts}
     near = {t.index: owner.near(t.index) for t in tracts} if owner is not None else {}
     tile = config.tile_size
@@ -1052,7 +1046,7 @@ def _fused_template(wcs: Any, box: Box, patches: Mapping[int, Sequence[xr.Datase
             keys: list[Any] = []
             sources = []
             for tract in used:
-                selected, part = _selection(tract.select, tile_box)
+                selected, part = selected_part(tract.select, tile_box)
                 need = tract.mapping.source_box(part, margin=half).intersection(tract.region)
                 if part.is_empty or need.is_empty:
                     sources.append(_TileSource(tract.index, Box(0, 0, 0, 0), [], [], (), None,

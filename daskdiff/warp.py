@@ -36,7 +36,7 @@ import numpy as np
 import xarray as xr
 from scipy.interpolate import RectBivariateSpline
 
-from ._tiles import call_keys, chunk_pieces, constant, wrap
+from ._tiles import as_dask, call_keys, chunk_pieces, constant
 from .box import Box
 from .errors import ConfigError, InputError, NoWorkError
 from .exposure import (
@@ -55,6 +55,11 @@ __all__ = [
     "PixelMapping",
     "kernel_weights",
     "mapping_error",
+    "resample_block",
+    "scratch",
+    "selected_part",
+    "source_planes",
+    "source_spans",
     "warp_exposure",
 ]
 
@@ -188,6 +193,13 @@ def _sanitise_into(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, ba
 
 
 @numba.njit(cache=True, nogil=True)
+def _window_run(spans: np.ndarray, r: int, nx: int, size: int) -> tuple[int, int]:
+    """Return the first column and the number of ``size``-wide windows inside row ``r``'s span."""
+    first = max(spans[r, 0], 0)
+    return first, min(spans[r, 1], nx) - size + 1 - first
+
+
+@numba.njit(cache=True, nogil=True)
 def _window_or(mask: np.ndarray, size: int, spans: np.ndarray, rows: np.ndarray,
                out: np.ndarray) -> None:
     """OR of ``mask`` over the forward windows ``[r, r+size) x [c, c+size)`` into ``out``.
@@ -199,8 +211,7 @@ def _window_or(mask: np.ndarray, size: int, spans: np.ndarray, rows: np.ndarray,
     """
     ny, nx = mask.shape
     for r in range(ny):
-        first = max(spans[r, 0], 0)
-        n = min(spans[r, 1], nx) - size + 1 - first
+        first, n = _window_run(spans, r, nx, size)
         if n <= 0:
             continue
         src = mask[r, first:]
@@ -211,8 +222,7 @@ def _window_or(mask: np.ndarray, size: int, spans: np.ndarray, rows: np.ndarray,
             for c in range(n):
                 line[c] |= src[c + k]
     for r in range(ny - size + 1):
-        first = max(spans[r, 0], 0)
-        n = min(spans[r, 1], nx) - size + 1 - first
+        first, n = _window_run(spans, r, nx, size)
         if n <= 0:
             continue
         line = out[r, first:]
@@ -520,7 +530,7 @@ _scratch_lock = threading.Lock()
 
 
 @contextmanager
-def _scratch() -> Iterator[Callable[..., np.ndarray]]:
+def scratch() -> Iterator[Callable[..., np.ndarray]]:
     """Lend a set of scratch buffers: ``take(name, shape, dtype)`` returns an undefined array.
 
     The arrays must not outlive the ``with`` block. Afterwards the set is kept for the next
@@ -557,7 +567,7 @@ def _warp_block(*chunks: np.ndarray, pieces: list[tuple[tuple[slice, slice], ...
     ``pieces[k] = (source slices, slices in src_box)`` places chunk ``k`` of each plane.
     """
     n = len(pieces)
-    with _scratch() as take:
+    with scratch() as take:
         img = take("image", src_box.shape, np.float64)
         var = take("variance", src_box.shape, np.float64)
         mask = take("mask", src_box.shape, np.uint32)
@@ -684,9 +694,7 @@ def warp_exposure(
     src_full = exposure_box(source)
     mapping = PixelMapping.from_wcs(copy_wcs(dest_wcs), dest_box, copy_wcs(src_wcs),
                                     interp_length=interp_length)
-    src_planes = [_as_dask(source[name].data) for name in ("image", "variance", "mask")]
-    src_planes = [p if p.chunks == src_planes[0].chunks else p.rechunk(src_planes[0].chunks)
-                  for p in src_planes]
+    src_planes = source_planes(source)
     x_edges = [*range(dest_box.x0, dest_box.x1, chunks), dest_box.x1]
     y_edges = [*range(dest_box.y0, dest_box.y1, chunks), dest_box.y1]
     rows: dict[str, list[list[da.Array]]] = {"image": [], "variance": [], "mask": []}
@@ -695,7 +703,7 @@ def warp_exposure(
         row: dict[str, list[da.Array]] = {"image": [], "variance": [], "mask": []}
         for xa, xb in pairwise(x_edges):
             box = Box.from_bounds(xa, ya, xb, yb)
-            selected, part = _selection(select, box)
+            selected, part = selected_part(select, box)
             need = mapping.source_box(part, margin=half).intersection(src_full)
             if part.is_empty:
                 need = Box(need.x0, need.y0, 0, 0)
@@ -717,7 +725,7 @@ def warp_exposure(
     )
 
 
-def _selection(select: Callable[[Box], np.ndarray] | None, box: Box
+def selected_part(select: Callable[[Box], np.ndarray] | None, box: Box
                ) -> tuple[np.ndarray | None, Box]:
     """Return the tile's selection mask (``None``: every pixel) and the box bounding it."""
     if select is None:
@@ -755,9 +763,15 @@ def _warp_tile(planes: list[da.Array], src_full: Box, need: Box, mapping: PixelM
     return {"image": image, "variance": variance, "mask": mask}
 
 
-def _as_dask(array: Any) -> da.Array:
-    if isinstance(array, da.Array):
-        return array
-    if not isinstance(array, np.ndarray):
-        raise InputError(f"exposure planes must be numpy or dask arrays, got {type(array)}")
-    return wrap(array, array.shape)  # no copy: the source is only read
+def source_planes(exposure: xr.Dataset) -> list[da.Array]:
+    """Return an exposure's image, variance and mask as dask arrays with one tiling.
+
+    A numpy plane becomes one chunk, wrapped without a copy (a source is only read).
+    """
+    planes = []
+    for name in ("image", "variance", "mask"):
+        array = exposure[name].data
+        if not isinstance(array, da.Array | np.ndarray):
+            raise InputError(f"exposure planes must be numpy or dask arrays, got {type(array)}")
+        planes.append(as_dask(array))
+    return [p if p.chunks == planes[0].chunks else p.rechunk(planes[0].chunks) for p in planes]

@@ -19,18 +19,12 @@ import numpy as np
 import xarray as xr
 from scipy import fft as sfft
 
-from .._tiles import wrap
+from .._tiles import as_dask
 from ..exposure import exposure_box, get_mask_planes, make_exposure
 from ._compiled import or_dilate
 from .kernel import KernelSolution, scaled_position
 
 __all__ = ["convolve_exposure", "convolve_plane"]
-
-
-def _as_dask(array: Any) -> da.Array:
-    if isinstance(array, da.Array):
-        return array
-    return wrap(np.asarray(array), array.shape)
 
 
 def _edges(chunks: tuple[int, ...]) -> np.ndarray:
@@ -129,7 +123,7 @@ def convolve_plane(array: Any, kernels: np.ndarray, weights: Any, *, half: int,
     dask.array.Array
         float32, same shape and chunks as ``array``; zero padding beyond the edges.
     """
-    array = _fit_chunks(_as_dask(array), half)
+    array = _fit_chunks(as_dask(array), half)
     edges = (_edges(array.chunks[0]), _edges(array.chunks[1]))
     return da.map_overlap(_tile_conv, array, depth=half, boundary=0, trim=False,
                           dtype=np.float32, meta=np.array((), np.float32), chunks=array.chunks,
@@ -170,7 +164,7 @@ def _dilate_tile(block: np.ndarray, half: int, edge_bit: int, shape: tuple[int, 
 
 
 def _dilate_mask(mask: Any, half: int, edge_bit: int, undilated: int = 0) -> da.Array:
-    mask = _fit_chunks(_as_dask(mask), half)
+    mask = _fit_chunks(as_dask(mask), half)
     edges = (_edges(mask.chunks[0]), _edges(mask.chunks[1]))
     return da.map_overlap(_dilate_tile, mask, depth=half, boundary=0, trim=False,
                           dtype=np.uint32, meta=np.array((), np.uint32), chunks=mask.chunks,

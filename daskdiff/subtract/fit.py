@@ -139,8 +139,8 @@ def build_systems(target: dict[str, np.ndarray], reference: dict[str, np.ndarray
         The reference image's pixel-noise autocovariance in units of its variance plane
         (:func:`~daskdiff.subtract.variance.noise_covariance`). When given, each candidate's
         expected noise contribution to its normal matrix is stored as ``noise_scale`` times
-        ``noise_gram`` (see
-        :func:`noise_gram`), for the errors-in-variables correction of the spatial fit.
+        ``noise_gram`` (see :func:`noise_gram`), for the errors-in-variables correction of
+        the spatial fit.
     """
     separable = isinstance(basis, SeparableBasis)
     size = basis.kx[0].shape[0] if separable else basis.shape[-1]
